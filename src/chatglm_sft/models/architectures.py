@@ -1,0 +1,99 @@
+"""How each model architecture is built, converted from THUDM's layout and converted back.
+
+`Family.architecture` names one of these records; loading and export read them instead of branching on families.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from transformers import GlmConfig, GlmForCausalLM, PretrainedConfig, PreTrainedModel
+
+from chatglm_sft.errors import UserError
+from chatglm_sft.families import Family
+from chatglm_sft.models import convert_glm
+from chatglm_sft.models.chatglm_v1 import ChatGLMv1Config, ChatGLMv1ForCausalLM
+
+TensorPairs = list[tuple[str, torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """Build, convert and export one model architecture."""
+
+    model_class: type[PreTrainedModel]
+    """The `PreTrainedModel` subclass that runs it."""
+    native_model_type: str
+    """`model_type` of an HF-native folder of this architecture (loaded without conversion)."""
+    config_from_thudm: Callable[[dict, Family, str], PretrainedConfig]
+    """THUDM `config.json` dict -> our config."""
+    config_to_thudm: Callable[[PretrainedConfig, Family], dict]
+    """Our config -> THUDM `config.json` dict."""
+    tensor_from_thudm: Callable[[str, torch.Tensor, PretrainedConfig], TensorPairs]
+    """One THUDM tensor -> our tensor(s); unknown names raise `UserError`."""
+    state_to_thudm: Callable[[dict[str, torch.Tensor], PretrainedConfig], dict[str, torch.Tensor]]
+    """Our whole state dict -> THUDM's."""
+    thudm_name: Callable[[str], str]
+    """Our tensor name -> the THUDM tensor it comes from."""
+
+    def native_config(self, raw: dict) -> PretrainedConfig:
+        return self.model_class.config_class.from_dict(raw)
+
+
+# --- ChatGLM-6B keeps THUDM's names: conversion only drops the recomputed rotary frequencies.
+
+_V1_KEYS = ("vocab_size", "hidden_size", "num_layers", "num_attention_heads", "inner_hidden_size",
+            "layernorm_epsilon", "max_sequence_length", "bos_token_id", "eos_token_id", "pad_token_id",
+            "mask_token_id", "gmask_token_id")
+
+
+def _v1_config_from_thudm(raw: dict, family: Family, path: str) -> ChatGLMv1Config:
+    if raw.get("position_encoding_2d") is False:
+        raise UserError(f"{path}: position_encoding_2d=false is not supported (ChatGLM-6B uses 2D positions)")
+    if raw.get("quantization_bit"):
+        raise UserError(f"{path}: THUDM's pre-quantized checkpoints are not supported; load the fp16 weights")
+    return ChatGLMv1Config(**{k: raw[k] for k in _V1_KEYS if k in raw})
+
+
+def _v1_config_to_thudm(config: ChatGLMv1Config, family: Family) -> dict:
+    out = {"_name_or_path": "THUDM/chatglm-6b", "architectures": ["ChatGLMModel"], "model_type": "chatglm"}
+    out.update({k: getattr(config, k) for k in _V1_KEYS})
+    out.update({"position_encoding_2d": True, "use_cache": True,
+                "torch_dtype": str(config.dtype).removeprefix("torch.") if config.dtype else "float16"})
+    return out
+
+
+def _v1_tensor_from_thudm(name: str, tensor: torch.Tensor, config) -> TensorPairs:
+    return [] if name.endswith("rotary_emb.inv_freq") else [(name, tensor)]
+
+
+def _v1_state_to_thudm(state: dict[str, torch.Tensor], config) -> dict[str, torch.Tensor]:
+    return dict(state)
+
+
+ARCHITECTURES: dict[str, Architecture] = {
+    "glm": Architecture(
+        model_class=GlmForCausalLM,
+        native_model_type=GlmConfig.model_type,
+        config_from_thudm=convert_glm.hf_config_from_thudm,
+        config_to_thudm=convert_glm.thudm_config_from_hf,
+        tensor_from_thudm=convert_glm.thudm_to_hf,
+        state_to_thudm=convert_glm.hf_to_thudm,
+        thudm_name=convert_glm.thudm_name,
+    ),
+    "chatglm-v1": Architecture(
+        model_class=ChatGLMv1ForCausalLM,
+        native_model_type=ChatGLMv1Config.model_type,
+        config_from_thudm=_v1_config_from_thudm,
+        config_to_thudm=_v1_config_to_thudm,
+        tensor_from_thudm=_v1_tensor_from_thudm,
+        state_to_thudm=_v1_state_to_thudm,
+        thudm_name=lambda name: name,
+    ),
+}
+
+
+def architecture_of(family: Family) -> Architecture:
+    return ARCHITECTURES[family.architecture]

@@ -1,0 +1,103 @@
+"""`load_model`: a local checkpoint folder (THUDM's layout or HF-native) -> a ready `PreTrainedModel`.
+
+The model is built on the meta device and each shard's tensors are assigned into it as they are read, so peak
+memory stays near the model's own size. Loading is strict: every tensor the model needs must come from the
+checkpoint, and every tensor in the checkpoint must be used.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from accelerate import init_empty_weights
+from transformers import GenerationConfig, PreTrainedModel
+
+from chatglm_sft.errors import UserError
+from chatglm_sft.families import Family, detect_family, read_json
+from chatglm_sft.models.architectures import Architecture, architecture_of
+from chatglm_sft.models.checkpoint import iter_shards
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    """Accept a `torch.dtype`, a name such as ``bf16``/``float32``, or None."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in _DTYPES:
+        raise UserError(f"unknown dtype {dtype!r}; use one of {', '.join(_DTYPES)}")
+    return _DTYPES[dtype]
+
+
+def _is_native(raw: dict, arch: Architecture) -> bool:
+    return raw.get("model_type") == arch.native_model_type
+
+
+def _stored_dtype(raw: dict) -> torch.dtype:
+    name = raw.get("dtype") or raw.get("torch_dtype") or "float32"
+    return _DTYPES.get(str(name).removeprefix("torch."), torch.float32)
+
+
+def _assign_shards(model: PreTrainedModel, model_dir: Path, arch: Architecture, native: bool,
+                   dtype: torch.dtype, device: torch.device | str) -> None:
+    expected = {name: t.shape for name, t in model.state_dict().items()}
+    loaded: set[str] = set()
+    for shard in iter_shards(model_dir):
+        converted = {}
+        for name, tensor in shard.items():
+            pairs = [(name, tensor)] if native else arch.tensor_from_thudm(name, tensor, model.config)
+            for new_name, new_tensor in pairs:
+                if new_name not in expected:
+                    raise UserError(f"{model_dir}: unexpected tensor {name!r} in checkpoint")
+                if new_tensor.shape != expected[new_name]:
+                    raise UserError(f"{model_dir}: tensor {name!r} has shape {tuple(new_tensor.shape)}, "
+                                    f"config implies {tuple(expected[new_name])}")
+                # clone: q/k/v are views of the fused matrix and must not share its storage
+                converted[new_name] = new_tensor.to(device=device, dtype=dtype).clone()
+        model.load_state_dict(converted, strict=False, assign=True)
+        loaded.update(converted)
+        del shard, converted
+    missing = [n for n in expected if n not in loaded]
+    if missing:
+        names = sorted({n if native else arch.thudm_name(n) for n in missing})
+        shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+        raise UserError(f"{model_dir}: checkpoint is missing tensor(s) {shown}")
+
+
+def load_model(
+    path: str | Path,
+    dtype: str | torch.dtype | None = None,
+    device: str | torch.device | None = None,
+    family: str | None = None,
+    adapter: str | Path | None = None,
+) -> PreTrainedModel:
+    """Load a ChatGLM-family checkpoint folder without remote code.
+
+    Args:
+        path: a THUDM checkpoint folder (``model_type: chatglm``) or an HF-native one exported by chatglm-sft.
+        dtype: compute dtype; None keeps the dtype the checkpoint is stored in.
+        device: where the weights go (default CPU).
+        family: override the family detection (``chatglm-6b``, ``chatglm2-6b``, ``chatglm3-6b``, ``glm-4``).
+        adapter: a PEFT adapter folder to load on top (see `chatglm_sft.models.adapters`).
+    """
+    model_dir = Path(path)
+    fam: Family = detect_family(model_dir, family)
+    arch = architecture_of(fam)
+    raw = read_json(model_dir / "config.json")
+    native = _is_native(raw, arch)
+    config = arch.native_config(raw) if native else arch.config_from_thudm(raw, fam, str(model_dir / "config.json"))
+    dtype = parse_dtype(dtype) or _stored_dtype(raw)
+    config.dtype = dtype
+    with init_empty_weights(include_buffers=False):
+        model = arch.model_class(config)
+    _assign_shards(model, model_dir, arch, native, dtype, device or "cpu")
+    model.config.chatglm_sft_family = fam.name
+    model.generation_config = GenerationConfig(eos_token_id=fam.stop_ids, pad_token_id=fam.pad_id)
+    model.eval()
+    if adapter is not None:
+        from chatglm_sft.models.adapters import load_adapter
+
+        model = load_adapter(model, adapter, fam)
+    return model
