@@ -109,8 +109,13 @@ FAMILIES: dict[str, Family] = {
             tokenizer_kind="sentencepiece-v1",
             tokenizer_file="ice_text.model",
             special_tokens={
-                "[MASK]": 130000, "[gMASK]": 130001, "[sMASK]": 130002, "<sop>": 130004, "<eop>": 130005,
-                "<pad>": 3, "<unk>": 0,
+                "[MASK]": 130000,
+                "[gMASK]": 130001,
+                "[sMASK]": 130002,
+                "<sop>": 130004,
+                "<eop>": 130005,
+                "<pad>": 3,
+                "<unk>": 0,
             },
             prefix_tokens=(),
             suffix_tokens=("[gMASK]", "<sop>"),
@@ -147,7 +152,7 @@ FAMILIES: dict[str, Family] = {
             eos_token="</s>",
             pad_id=0,
             stop_tokens=("</s>", "<|user|>", "<|observation|>"),
-            template="role-tokens",
+            template="chatglm3",
             lora_targets=_GLM_LORA,
             recognise=_is_chatglm3,
         ),
@@ -157,17 +162,27 @@ FAMILIES: dict[str, Family] = {
             tokenizer_kind="tiktoken",
             tokenizer_file="tokenizer.model",
             special_tokens={
-                "<|endoftext|>": 151329, "[MASK]": 151330, "[gMASK]": 151331, "[sMASK]": 151332, "<sop>": 151333,
-                "<eop>": 151334, "<|system|>": 151335, "<|user|>": 151336, "<|assistant|>": 151337,
-                "<|observation|>": 151338, "<|begin_of_image|>": 151339, "<|end_of_image|>": 151340,
-                "<|begin_of_video|>": 151341, "<|end_of_video|>": 151342,
+                "<|endoftext|>": 151329,
+                "[MASK]": 151330,
+                "[gMASK]": 151331,
+                "[sMASK]": 151332,
+                "<sop>": 151333,
+                "<eop>": 151334,
+                "<|system|>": 151335,
+                "<|user|>": 151336,
+                "<|assistant|>": 151337,
+                "<|observation|>": 151338,
+                "<|begin_of_image|>": 151339,
+                "<|end_of_image|>": 151340,
+                "<|begin_of_video|>": 151341,
+                "<|end_of_video|>": 151342,
             },
             prefix_tokens=("[gMASK]", "<sop>"),
             suffix_tokens=(),
             eos_token="<|endoftext|>",
             pad_id=151329,
             stop_tokens=("<|endoftext|>", "<|user|>", "<|observation|>"),
-            template="role-tokens",
+            template="glm-4",
             lora_targets=_GLM_LORA,
             recognise=_is_glm4,
             matches_specials_in_text=True,
@@ -176,8 +191,13 @@ FAMILIES: dict[str, Family] = {
     ]
 }
 
-ALIASES = {"glm-4-9b-chat": "glm-4", "glm4": "glm-4", "chatglm": "chatglm-6b", "chatglm2": "chatglm2-6b",
-           "chatglm3": "chatglm3-6b"}
+ALIASES = {
+    "glm-4-9b-chat": "glm-4",
+    "glm4": "glm-4",
+    "chatglm": "chatglm-6b",
+    "chatglm2": "chatglm2-6b",
+    "chatglm3": "chatglm3-6b",
+}
 
 
 def get_family(name: str) -> Family:
@@ -212,11 +232,14 @@ def detect_family(model_dir: str | Path, family: str | None = None) -> Family:
         return get_family(family)
     if not model_dir.is_dir():
         raise UserError(f"{model_dir}: model folder not found")
-    config = read_json(model_dir / "config.json")
-    if config.get("chatglm_sft_family"):
-        return get_family(config["chatglm_sft_family"])
-    tok_path = model_dir / "tokenizer_config.json"
+    config_path, tok_path = model_dir / "config.json", model_dir / "tokenizer_config.json"
+    if not config_path.exists() and not tok_path.exists():
+        raise UserError(f"{model_dir}: no config.json (not a model folder)")
+    config = read_json(config_path) if config_path.exists() else {}
     tok = read_json(tok_path) if tok_path.exists() else {}
+    for source in (config, tok):
+        if source.get("chatglm_sft_family"):
+            return get_family(source["chatglm_sft_family"])
     found = [f for f in FAMILIES.values() if f.recognise(config, tok)]
     if len(found) != 1:
         names = ", ".join(f.name for f in found) or "none"

@@ -14,7 +14,7 @@ from transformers import GlmConfig, GlmForCausalLM, PretrainedConfig, PreTrained
 from chatglm_sft.errors import UserError
 from chatglm_sft.families import Family
 from chatglm_sft.models import convert_glm
-from chatglm_sft.models.chatglm_v1 import ChatGLMv1Config, ChatGLMv1ForCausalLM
+from chatglm_sft.models.chatglm_v1 import ChatGLMv1Config, ChatGLMv1ForCausalLM, rotary_inv_freq
 
 TensorPairs = list[tuple[str, torch.Tensor]]
 
@@ -44,9 +44,20 @@ class Architecture:
 
 # --- ChatGLM-6B keeps THUDM's names: conversion only drops the recomputed rotary frequencies.
 
-_V1_KEYS = ("vocab_size", "hidden_size", "num_layers", "num_attention_heads", "inner_hidden_size",
-            "layernorm_epsilon", "max_sequence_length", "bos_token_id", "eos_token_id", "pad_token_id",
-            "mask_token_id", "gmask_token_id")
+_V1_KEYS = (
+    "vocab_size",
+    "hidden_size",
+    "num_layers",
+    "num_attention_heads",
+    "inner_hidden_size",
+    "layernorm_epsilon",
+    "max_sequence_length",
+    "bos_token_id",
+    "eos_token_id",
+    "pad_token_id",
+    "mask_token_id",
+    "gmask_token_id",
+)
 
 
 def _v1_config_from_thudm(raw: dict, family: Family, path: str) -> ChatGLMv1Config:
@@ -60,8 +71,13 @@ def _v1_config_from_thudm(raw: dict, family: Family, path: str) -> ChatGLMv1Conf
 def _v1_config_to_thudm(config: ChatGLMv1Config, family: Family) -> dict:
     out = {"_name_or_path": "THUDM/chatglm-6b", "architectures": ["ChatGLMModel"], "model_type": "chatglm"}
     out.update({k: getattr(config, k) for k in _V1_KEYS})
-    out.update({"position_encoding_2d": True, "use_cache": True,
-                "torch_dtype": str(config.dtype).removeprefix("torch.") if config.dtype else "float16"})
+    out.update(
+        {
+            "position_encoding_2d": True,
+            "use_cache": True,
+            "torch_dtype": str(config.dtype).removeprefix("torch.") if config.dtype else "float16",
+        }
+    )
     return out
 
 
@@ -70,7 +86,14 @@ def _v1_tensor_from_thudm(name: str, tensor: torch.Tensor, config) -> TensorPair
 
 
 def _v1_state_to_thudm(state: dict[str, torch.Tensor], config) -> dict[str, torch.Tensor]:
-    return dict(state)
+    """THUDM's checkpoints also store each layer's (fp16-rounded) rotary frequencies; write them back."""
+    out = {}
+    inv_freq = rotary_inv_freq(config.hidden_size // config.num_attention_heads)
+    for name, tensor in state.items():
+        out[name] = tensor
+        if name.endswith(".input_layernorm.bias"):
+            out[name.replace("input_layernorm.bias", "attention.rotary_emb.inv_freq")] = inv_freq.to(tensor.dtype)
+    return out
 
 
 ARCHITECTURES: dict[str, Architecture] = {

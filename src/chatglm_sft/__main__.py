@@ -1,0 +1,5 @@
+import sys
+
+from chatglm_sft.cli import main
+
+sys.exit(main())

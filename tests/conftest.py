@@ -1,0 +1,121 @@
+"""Shared fixtures: the reference material in ../shared (skipped with a reason when absent) and tiny checkpoints
+generated in THUDM's layout."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+TINY = SHARED / "reference" / "tiny"
+MODELS = SHARED / "reference" / "models"
+TOKENIZE = SHARED / "reference" / "tokenize"
+DATA = SHARED / "data"
+
+
+def need_shared(path: Path) -> Path:
+    """Skip the calling test when the reference material is missing (a user's fresh clone has no ../shared)."""
+    if not path.exists():
+        pytest.skip(f"reference material {path} is absent (it lives in ../shared beside the project)")
+    return path
+
+
+@pytest.fixture
+def shared():
+    return need_shared(SHARED)
+
+
+def thudm_glm_config(
+    hidden=48,
+    heads=6,
+    kv_channels=8,
+    groups=2,
+    layers=3,
+    ffn=80,
+    vocab=65024,
+    rope_ratio=None,
+    eps=1e-5,
+    seq_length=256,
+) -> dict:
+    config = {
+        "model_type": "chatglm",
+        "architectures": ["ChatGLMModel"],
+        "add_bias_linear": False,
+        "add_qkv_bias": True,
+        "apply_query_key_layer_scaling": True,
+        "apply_residual_connection_post_layernorm": False,
+        "ffn_hidden_size": ffn,
+        "hidden_size": hidden,
+        "kv_channels": kv_channels,
+        "layernorm_epsilon": eps,
+        "multi_query_attention": True,
+        "multi_query_group_num": groups,
+        "num_attention_heads": heads,
+        "num_layers": layers,
+        "original_rope": True,
+        "padded_vocab_size": vocab,
+        "post_layer_norm": True,
+        "rmsnorm": True,
+        "seq_length": seq_length,
+        "torch_dtype": "float16",
+        "eos_token_id": 2,
+        "pad_token_id": 0,
+    }
+    if rope_ratio:
+        config["rope_ratio"] = rope_ratio
+    return config
+
+
+def random_thudm_glm_state(config: dict, seed: int = 0, dtype=torch.float16) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    h, d = config["hidden_size"], config["kv_channels"]
+    qkv = (config["num_attention_heads"] + 2 * config["multi_query_group_num"]) * d
+
+    def rnd(*shape, scale=0.08):
+        return (torch.randn(*shape, generator=g) * scale).to(dtype)
+
+    state = {
+        "transformer.embedding.word_embeddings.weight": rnd(config["padded_vocab_size"], h, scale=1.0),
+        "transformer.rotary_pos_emb.inv_freq": (1.0 / 10000 ** (torch.arange(0, d // 2, 2) / (d // 2))).to(dtype),
+    }
+    for i in range(config["num_layers"]):
+        p = f"transformer.encoder.layers.{i}."
+        state |= {
+            p + "input_layernorm.weight": (1 + rnd(h)),
+            p + "self_attention.query_key_value.weight": rnd(qkv, h),
+            p + "self_attention.query_key_value.bias": rnd(qkv),
+            p + "self_attention.dense.weight": rnd(h, config["num_attention_heads"] * d),
+            p + "post_attention_layernorm.weight": (1 + rnd(h)),
+            p + "mlp.dense_h_to_4h.weight": rnd(2 * config["ffn_hidden_size"], h),
+            p + "mlp.dense_4h_to_h.weight": rnd(h, config["ffn_hidden_size"]),
+        }
+    state["transformer.encoder.final_layernorm.weight"] = 1 + rnd(h)
+    state["transformer.output_layer.weight"] = rnd(config["padded_vocab_size"], h)
+    return state
+
+
+def write_checkpoint(
+    folder: Path, config: dict, state: dict[str, torch.Tensor], fmt: str = "safetensors", shards: int = 2
+) -> Path:
+    """Write `state` in THUDM's sharded layout (`.bin` via torch.save, or safetensors) with an index."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    names = list(state)
+    per = -(-len(names) // shards)
+    weight_map = {}
+    for k in range(shards):
+        part = {n: state[n].contiguous() for n in names[k * per : (k + 1) * per]}
+        if fmt == "bin":
+            file = f"pytorch_model-{k + 1:05d}-of-{shards:05d}.bin"
+            torch.save(part, folder / file)
+        else:
+            file = f"model-{k + 1:05d}-of-{shards:05d}.safetensors"
+            save_file(part, str(folder / file), metadata={"format": "pt"})
+        weight_map |= dict.fromkeys(part, file)
+    index = "pytorch_model.bin.index.json" if fmt == "bin" else "model.safetensors.index.json"
+    (folder / index).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return folder

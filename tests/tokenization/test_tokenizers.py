@@ -1,0 +1,184 @@
+"""Tokenizers: THUDM's ids for text and chat prompts, plain-text safety, exported tokenizers, the encoder."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+from transformers import AutoTokenizer
+
+from chatglm_sft import load_tokenizer
+from chatglm_sft.conversation import IGNORE_INDEX, encode_conversation
+from chatglm_sft.families import get_family
+from chatglm_sft.tokenization.export import export_hf_tokenizer
+from tests.conftest import MODELS, TOKENIZE, need_shared
+
+FAMILIES = ["chatglm-6b", "chatglm2-6b", "chatglm3-6b", "glm-4-9b-chat"]
+_cache: dict = {}
+
+
+def tokenizer(name):
+    if name not in _cache:
+        _cache[name] = load_tokenizer(need_shared(MODELS / name))
+    return _cache[name]
+
+
+def golden_lines(name):
+    return [json.loads(line) for line in (need_shared(TOKENIZE) / f"{name}.tokenize.jsonl").open()]
+
+
+def chat_cases(name):
+    file = "glm-4-9b-chat.chat.jsonl" if name == "glm-4-9b-chat" else "chat.jsonl"
+    cases = [json.loads(line) for line in (need_shared(TOKENIZE) / file).open()]
+    return [c for c in cases if c["model"] == name]
+
+
+def as_messages(case):
+    messages = [{"role": "system", "content": case["system"]}] if case.get("system") else []
+    for query, reply in case["history"]:
+        messages += [{"role": "user", "content": query}, {"role": "assistant", "content": reply}]
+    return messages + [{"role": "user", "content": case["query"]}]
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_encode_decode_goldens(name):
+    tok = tokenizer(name)
+    for line in golden_lines(name):
+        assert tok.encode(line["text"]) == line["ids"], line["text"]
+        assert tok.encode(line["text"], add_special_tokens=False) == line["ids_no_special"], line["text"]
+        assert tok.decode(line["ids_no_special"]) == line["decoded"], line["text"]
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_chat_goldens(name):
+    tok = tokenizer(name)
+    for case in chat_cases(name):
+        ids = tok.apply_chat_template(as_messages(case), add_generation_prompt=True, tokenize=True, return_dict=False)
+        assert ids == case["input_ids"], case["query"]
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_batch_padding_is_left_with_official_pad(name):
+    tok = tokenizer(name)
+    batch = tok(["你好", "小明有3个苹果，又买了5个"], padding=True)
+    short = tok.encode("你好")
+    pad = len(batch["input_ids"][1]) - len(short)
+    assert batch["input_ids"][0] == [tok.pad_token_id] * pad + short
+    assert batch["attention_mask"][0] == [0] * pad + [1] * len(short)
+    assert tok.pad_token_id == get_family(tok.family.name).pad_id
+
+
+@pytest.mark.parametrize("name", ["chatglm3-6b", "glm-4-9b-chat"])
+def test_special_strings_in_messages_stay_text(name):
+    tok = tokenizer(name)
+    ids = tok.apply_chat_template(
+        [{"role": "user", "content": "<|assistant|> [gMASK] <|user|>"}],
+        add_generation_prompt=True,
+        tokenize=True,
+        return_dict=False,
+    )
+    fam = tok.family
+    assert ids.count(fam.id_of("<|assistant|>")) == 1 and ids[-1] == fam.id_of("<|assistant|>")
+    assert ids.count(fam.id_of("<|user|>")) == 1 and ids.count(fam.id_of("[gMASK]")) == 1
+
+
+@pytest.mark.parametrize("name", ["chatglm2-6b", "chatglm3-6b", "glm-4-9b-chat"])
+def test_exported_tokenizer_works_in_plain_transformers(tmp_path, name):
+    fam = tokenizer(name).family
+    export_hf_tokenizer(fam, MODELS / name, tmp_path)
+    plain = AutoTokenizer.from_pretrained(tmp_path)
+    for line in golden_lines(name):
+        assert plain.encode(line["text"]) == line["ids"], line["text"]
+        assert plain.encode(line["text"], add_special_tokens=False) == line["ids_no_special"], line["text"]
+    for case in chat_cases(name):
+        ids = plain.apply_chat_template(
+            as_messages(case), add_generation_prompt=True, tokenize=True, return_dict=False
+        )
+        assert ids == case["input_ids"], case["query"]
+    assert load_tokenizer(tmp_path).family.name == fam.name
+
+
+WORDS = [
+    "你好",
+    "小明有3个苹果",
+    " hello",
+    "world ",
+    "\n",
+    "1+1=2。",
+    "  spaces",
+    "tab\t",
+    "😀",
+    "答：",
+    "<|user|>",
+    "[gMASK]",
+    "emoji",
+    "数学题",
+    "x=(1/2)",
+]
+
+
+def random_conversation(rng: random.Random, family_name: str) -> list[dict]:
+    def text():
+        return "".join(rng.choice(WORDS) for _ in range(rng.randint(1, 5)))
+
+    messages = [{"role": "system", "content": text()}] if rng.random() < 0.3 else []
+    for _ in range(rng.randint(1, 4)):
+        messages += [{"role": "user", "content": text()}, {"role": "assistant", "content": text()}]
+    if family_name in ("chatglm3-6b", "glm-4-9b-chat") and rng.random() < 0.3:
+        messages.insert(len(messages) - 1, {"role": "observation", "content": text()})
+        messages.insert(len(messages) - 2, {"role": "assistant", "content": text()})
+    return messages
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_inference_prompt_is_prefix_of_training_ids(name):
+    tok = tokenizer(name)
+    rng = random.Random(name)
+    for _ in range(40):
+        messages = random_conversation(rng, name)
+        train = encode_conversation(tok, messages)
+        prompt = encode_conversation(tok, messages[:-1], add_generation_prompt=True)
+        assert train.input_ids[: len(prompt.input_ids)] == prompt.input_ids
+        assert all(label == IGNORE_INDEX for label in prompt.labels)
+        reply = train.input_ids[len(prompt.input_ids) :]
+        assert train.labels[len(prompt.input_ids) :] == reply  # the whole last reply and its end token
+        assert reply[-1] == tok.family.eos_id
+        assert all(label in (IGNORE_INDEX, i) for label, i in zip(train.labels, train.input_ids, strict=True))
+
+
+@pytest.mark.parametrize("name", ["chatglm2-6b", "chatglm3-6b", "glm-4-9b-chat"])
+def test_every_reply_learned_by_default_last_only_as_option(name):
+    tok = tokenizer(name)
+    messages = [
+        {"role": "user", "content": "你好"},
+        {"role": "assistant", "content": "第一个回答"},
+        {"role": "user", "content": "再说一次"},
+        {"role": "assistant", "content": "第二个回答"},
+    ]
+    every = encode_conversation(tok, messages)
+    last = encode_conversation(tok, messages, last_turn_only=True)
+    learned_every = tok.decode([i for i in every.labels if i != IGNORE_INDEX], skip_special_tokens=True)
+    learned_last = tok.decode([i for i in last.labels if i != IGNORE_INDEX], skip_special_tokens=True)
+    assert "第一个回答" in learned_every and "第二个回答" in learned_every
+    assert "第一个回答" not in learned_last and "第二个回答" in learned_last
+    assert "你好" not in learned_every
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_truncation_keeps_newest_turns_and_frames(name):
+    tok = tokenizer(name)
+    messages = []
+    for i in range(6):
+        messages += [{"role": "user", "content": f"问题{i}" * 5}, {"role": "assistant", "content": f"回答{i}" * 5}]
+    full = encode_conversation(tok, messages)
+    cut = encode_conversation(tok, messages, max_length=len(full.input_ids) // 2)
+    assert len(cut.input_ids) <= len(full.input_ids) // 2
+    text = tok.decode(cut.input_ids)
+    assert "回答5" in text and "问题0" not in text
+    fam = tok.family
+    prefix = [fam.id_of(t) for t in fam.prefix_tokens]
+    assert cut.input_ids[: len(prefix)] == prefix and cut.input_ids[-1] == fam.eos_id
+    long = [{"role": "user", "content": "很长的问题" * 200}, {"role": "assistant", "content": "很长的回答" * 200}]
+    short = encode_conversation(tok, long, max_length=64)
+    assert len(short.input_ids) <= 64 and short.input_ids[-1] == fam.eos_id
