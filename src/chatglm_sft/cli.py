@@ -16,7 +16,9 @@ from chatglm_sft.errors import UserError
 def _cmd_export(args: argparse.Namespace) -> int:
     from chatglm_sft.models.export import export_model
 
-    out = export_model(args.model, args.output, fmt=args.format, adapter=args.adapter, family=args.family)
+    out = export_model(
+        args.model, args.output, fmt=args.format, adapter=args.adapter, family=args.family, dtype=args.dtype
+    )
     print(f"exported {args.model} -> {out} ({args.format})")
     return 0
 
@@ -53,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, help="output folder (must be empty or absent)")
     p.add_argument("--format", choices=["hf", "thudm"], default="hf", help="hf (default) or thudm")
     p.add_argument("--adapter", default=None, help="LoRA adapter folder to merge before exporting")
+    p.add_argument("--dtype", default=None, help="weights dtype: float32, bfloat16 or float16 (default: as stored)")
     p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("info", help="show the detected family of a model folder")

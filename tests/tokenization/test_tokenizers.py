@@ -182,3 +182,19 @@ def test_truncation_keeps_newest_turns_and_frames(name):
     long = [{"role": "user", "content": "很长的问题" * 200}, {"role": "assistant", "content": "很长的回答" * 200}]
     short = encode_conversation(tok, long, max_length=64)
     assert len(short.input_ids) <= 64 and short.input_ids[-1] == fam.eos_id
+
+
+def test_v1_preprocessing_equals_thudm_replace_loop():
+    from chatglm_sft.tokenization.v1 import postprocess, preprocess
+
+    def thudm(text):
+        text = text.replace("\n", "<n>").replace("\t", "<|tab|>")
+        for n in range(80, 1, -1):
+            text = text.replace(" " * n, f"<|blank_{n}|>")
+        return text
+
+    rng = random.Random(0)
+    for _ in range(300):
+        text = "".join(rng.choice(["a", "中", " ", "\n", "\t", " " * rng.randint(2, 200)]) for _ in range(12))
+        assert preprocess(text) == thudm(text)
+        assert postprocess(preprocess(text)) == text

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import sentencepiece as spm
 from tokenizers import Tokenizer
 from transformers import BatchEncoding, PreTrainedTokenizerFast
+from transformers.tokenization_utils_base import PaddingStrategy, TruncationStrategy
 
 from chatglm_sft.conversation import encode_conversation, render_text
 from chatglm_sft.errors import UserError
@@ -50,15 +52,75 @@ class ConversationMixin:
 class ChatGLMTokenizerFast(ConversationMixin, PreTrainedTokenizerFast):
     """ChatGLM2/3 and GLM-4: a fast tokenizer built from THUDM's tokenizer file."""
 
-    def __init__(self, *args, family: Family, **kwargs):
+    def __init__(self, *args, family: Family, sentencepiece_file: str | None = None, **kwargs):
         self.family = family
         super().__init__(*args, **kwargs)
+        # ChatGLM2/3 never match special tokens in text, so SentencePiece itself gives the same ids, faster.
+        self._sp = spm.SentencePieceProcessor(model_file=sentencepiece_file) if sentencepiece_file else None
+        self._prefix = [family.id_of(t) for t in family.prefix_tokens]
         # A second backend that never matches special tokens in text, for message contents.
         self._plain = Tokenizer.from_str(self.backend_tokenizer.to_str())
         self._plain.encode_special_tokens = True
 
     def encode_plain(self, text: str) -> list[int]:
         return self._plain.encode(text, add_special_tokens=False).ids
+
+    def _encode_plus(
+        self,
+        text,
+        text_pair=None,
+        add_special_tokens=True,
+        padding_strategy=PaddingStrategy.DO_NOT_PAD,
+        truncation_strategy=TruncationStrategy.DO_NOT_TRUNCATE,
+        max_length=None,
+        pad_to_multiple_of=None,
+        padding_side=None,
+        return_tensors=None,
+        return_attention_mask=None,
+        **kwargs,
+    ):
+        # The common case (plain texts in, ids out) through SentencePiece (ChatGLM2/3) or `encode_batch_fast`
+        # (GLM-4), skipping the offset tracking transformers asks `tokenizers` for (about 1.7x faster).
+        texts = [text] if isinstance(text, str) else text
+        extras = any(v for k, v in kwargs.items() if k.startswith("return_") or k in ("is_split_into_words", "stride"))
+        plain = isinstance(texts, list | tuple) and all(isinstance(t, str) for t in texts)
+        if (
+            not plain
+            or text_pair is not None
+            or extras
+            or truncation_strategy != TruncationStrategy.DO_NOT_TRUNCATE
+            or kwargs.get("split_special_tokens")
+        ):
+            return super()._encode_plus(
+                text,
+                text_pair=text_pair,
+                add_special_tokens=add_special_tokens,
+                padding_strategy=padding_strategy,
+                truncation_strategy=truncation_strategy,
+                max_length=max_length,
+                pad_to_multiple_of=pad_to_multiple_of,
+                padding_side=padding_side,
+                return_tensors=return_tensors,
+                return_attention_mask=return_attention_mask,
+                **kwargs,
+            )
+        if self._sp is not None:
+            prefix = self._prefix if add_special_tokens else []
+            ids = [prefix + piece_ids for piece_ids in self._sp.encode(list(texts))]
+        else:
+            ids = [
+                e.ids for e in self._tokenizer.encode_batch_fast(list(texts), add_special_tokens=add_special_tokens)
+            ]
+        encoding = BatchEncoding({"input_ids": ids[0] if isinstance(text, str) else ids})
+        return self.pad(
+            encoding,
+            padding=padding_strategy,
+            max_length=max_length,
+            pad_to_multiple_of=pad_to_multiple_of,
+            padding_side=padding_side,
+            return_attention_mask=return_attention_mask,
+            return_tensors=return_tensors,
+        )
 
     def encode_plain_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
         enc = self._plain.encode(text, add_special_tokens=False)
@@ -121,7 +183,13 @@ def build_tokenizer(family: Family, model_file: str | Path):
         backend = build_backend(family, str(model_file))
     except (OSError, ValueError, RuntimeError) as e:
         raise UserError(f"{model_file}: cannot read tokenizer ({e})") from None
-    return ChatGLMTokenizerFast(tokenizer_object=backend, family=family, **fast_tokenizer_kwargs(family, backend))
+    sentencepiece_file = str(model_file) if family.tokenizer_kind == "sentencepiece" else None
+    return ChatGLMTokenizerFast(
+        tokenizer_object=backend,
+        family=family,
+        sentencepiece_file=sentencepiece_file,
+        **fast_tokenizer_kwargs(family, backend),
+    )
 
 
 def load_tokenizer(path: str | Path, family: str | None = None):

@@ -77,6 +77,8 @@ def export_hf_tokenizer(family: Family, src_dir: Path, out_dir: Path) -> None:
     config_path = out_dir / "tokenizer_config.json"
     config = json.loads(config_path.read_text())
     config["chatglm_sft_family"] = family.name
+    # transformers 5 writes the template to chat_template.jinja; older readers (vLLM among them) look here
+    config["chat_template"] = JINJA_TEMPLATES[family.template]
     config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
 
 
