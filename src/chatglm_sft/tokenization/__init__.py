@@ -49,21 +49,9 @@ class ConversationMixin:
         return enc
 
 
-class ChatGLMTokenizerFast(ConversationMixin, PreTrainedTokenizerFast):
-    """ChatGLM2/3 and GLM-4: a fast tokenizer built from THUDM's tokenizer file."""
-
-    def __init__(self, *args, family: Family, sentencepiece_file: str | None = None, **kwargs):
-        self.family = family
-        super().__init__(*args, **kwargs)
-        # ChatGLM2/3 never match special tokens in text, so SentencePiece itself gives the same ids, faster.
-        self._sp = spm.SentencePieceProcessor(model_file=sentencepiece_file) if sentencepiece_file else None
-        self._prefix = [family.id_of(t) for t in family.prefix_tokens]
-        # A second backend that never matches special tokens in text, for message contents.
-        self._plain = Tokenizer.from_str(self.backend_tokenizer.to_str())
-        self._plain.encode_special_tokens = True
-
-    def encode_plain(self, text: str) -> list[int]:
-        return self._plain.encode(text, add_special_tokens=False).ids
+class BatchFastPathMixin:
+    """Plain texts in, ids out through the subclass's `batch_ids`; anything else (pairs, truncation, offsets,
+    special-token masks) takes transformers' own path."""
 
     def _encode_plus(
         self,
@@ -79,8 +67,8 @@ class ChatGLMTokenizerFast(ConversationMixin, PreTrainedTokenizerFast):
         return_attention_mask=None,
         **kwargs,
     ):
-        # The common case (plain texts in, ids out) through SentencePiece (ChatGLM2/3) or `encode_batch_fast`
-        # (GLM-4), skipping the offset tracking transformers asks `tokenizers` for (about 1.7x faster).
+        # The common case (plain texts in, ids out) through `batch_ids`, skipping transformers' per-token
+        # bookkeeping (offsets for fast tokenizers, token strings for slow ones).
         texts = [text] if isinstance(text, str) else text
         extras = any(v for k, v in kwargs.items() if k.startswith("return_") or k in ("is_split_into_words", "stride"))
         plain = isinstance(texts, list | tuple) and all(isinstance(t, str) for t in texts)
@@ -104,14 +92,15 @@ class ChatGLMTokenizerFast(ConversationMixin, PreTrainedTokenizerFast):
                 return_attention_mask=return_attention_mask,
                 **kwargs,
             )
-        if self._sp is not None:
-            prefix = self._prefix if add_special_tokens else []
-            ids = [prefix + piece_ids for piece_ids in self._sp.encode(list(texts))]
-        else:
-            ids = [
-                e.ids for e in self._tokenizer.encode_batch_fast(list(texts), add_special_tokens=add_special_tokens)
-            ]
-        encoding = BatchEncoding({"input_ids": ids[0] if isinstance(text, str) else ids})
+        ids = self.batch_ids(list(texts), add_special_tokens)
+        single = isinstance(text, str)
+        if padding_strategy == PaddingStrategy.DO_NOT_PAD and return_tensors is None:
+            data = {"input_ids": ids[0] if single else ids}
+            if return_attention_mask is not False:
+                masks = [[1] * len(row) for row in ids]
+                data["attention_mask"] = masks[0] if single else masks
+            return BatchEncoding(data)
+        encoding = BatchEncoding({"input_ids": ids[0] if single else ids})
         return self.pad(
             encoding,
             padding=padding_strategy,
@@ -121,6 +110,29 @@ class ChatGLMTokenizerFast(ConversationMixin, PreTrainedTokenizerFast):
             return_attention_mask=return_attention_mask,
             return_tensors=return_tensors,
         )
+
+
+class ChatGLMTokenizerFast(BatchFastPathMixin, ConversationMixin, PreTrainedTokenizerFast):
+    """ChatGLM2/3 and GLM-4: a fast tokenizer built from THUDM's tokenizer file."""
+
+    def __init__(self, *args, family: Family, sentencepiece_file: str | None = None, **kwargs):
+        self.family = family
+        super().__init__(*args, **kwargs)
+        # ChatGLM2/3 never match special tokens in text, so SentencePiece itself gives the same ids, faster.
+        self._sp = spm.SentencePieceProcessor(model_file=sentencepiece_file) if sentencepiece_file else None
+        self._prefix = [family.id_of(t) for t in family.prefix_tokens]
+        # A second backend that never matches special tokens in text, for message contents.
+        self._plain = Tokenizer.from_str(self.backend_tokenizer.to_str())
+        self._plain.encode_special_tokens = True
+
+    def encode_plain(self, text: str) -> list[int]:
+        return self._plain.encode(text, add_special_tokens=False).ids
+
+    def batch_ids(self, texts: list[str], add_special_tokens: bool) -> list[list[int]]:
+        if self._sp is not None:
+            prefix = self._prefix if add_special_tokens else []
+            return [prefix + piece_ids for piece_ids in self._sp.encode(texts)]
+        return [e.ids for e in self._tokenizer.encode_batch_fast(texts, add_special_tokens=add_special_tokens)]
 
     def encode_plain_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
         enc = self._plain.encode(text, add_special_tokens=False)
@@ -147,7 +159,7 @@ class ChatGLMTokenizerFast(ConversationMixin, PreTrainedTokenizerFast):
         return " ".join(pieces)
 
 
-class ChatGLMv1ChatTokenizer(ConversationMixin, ChatGLMv1Tokenizer):
+class ChatGLMv1ChatTokenizer(BatchFastPathMixin, ConversationMixin, ChatGLMv1Tokenizer):
     """ChatGLM-6B's SentencePiece tokenizer with the conversation encoder."""
 
     def __init__(self, *args, family: Family, **kwargs):
@@ -156,6 +168,10 @@ class ChatGLMv1ChatTokenizer(ConversationMixin, ChatGLMv1Tokenizer):
 
     def encode_plain(self, text: str) -> list[int]:
         return self.sp.encode(preprocess(text))
+
+    def batch_ids(self, texts: list[str], add_special_tokens: bool) -> list[list[int]]:
+        suffix = [self.gmask_token_id, self.bos_token_id] if add_special_tokens else []
+        return [ids + suffix for ids in self.sp.encode([preprocess(t) for t in texts])]
 
     def encode_plain_with_offsets(self, text: str):
         raise NotImplementedError("the chatglm-6b template never needs offsets")
