@@ -89,14 +89,19 @@ def test_left_padded_batch_rows_equal_single_rows(tmp_path):
     assert greedy[1, 11:].tolist() == single[0, 5:].tolist()
 
 
-def _broken_copy(tmp_path, drop=None, add=None):
+def _broken_copy(tmp_path, name="broken", drop=None, add=None):
     config = thudm_glm_config(vocab=300)
     state = random_thudm_glm_state(config)
     if drop:
         del state[drop]
     if add:
         state[add] = torch.zeros(3)
-    return write_checkpoint(tmp_path / "broken", config, state)
+    return write_checkpoint(tmp_path / name, config, state)
+
+
+def _export_cli(model, output):
+    command = [sys.executable, "-m", "chatglm_sft", "export", "--model", str(model), "--family", "chatglm2-6b"]
+    return subprocess.run([*command, "--output", str(output)], capture_output=True, text=True)
 
 
 def test_missing_tensor_is_named(tmp_path):
@@ -113,55 +118,19 @@ def test_unexpected_tensor_is_named(tmp_path):
 
 
 def test_cli_errors_are_one_line(tmp_path):
-    folder = _broken_copy(tmp_path, drop="transformer.output_layer.weight")
-    (folder / "tokenizer_config.json").write_text("{}")
-    cases = [["--model", str(folder)], ["--model", str(tmp_path / "absent")]]
-    shard = folder / "model-00001-of-00002.safetensors"
-    truncated = tmp_path / "truncated"
-    write_checkpoint(truncated, thudm_glm_config(vocab=300), random_thudm_glm_state(thudm_glm_config(vocab=300)))
-    (truncated / shard.name).write_bytes((truncated / shard.name).read_bytes()[:200])
-    cases.append(["--model", str(truncated)])
-    missing_shard = tmp_path / "missing_shard"
-    write_checkpoint(missing_shard, thudm_glm_config(vocab=300), random_thudm_glm_state(thudm_glm_config(vocab=300)))
+    missing_tensor = _broken_copy(tmp_path, drop="transformer.output_layer.weight")
+    (missing_tensor / "tokenizer_config.json").write_text("{}")
+    truncated = _broken_copy(tmp_path, name="truncated")
+    shard = truncated / "model-00001-of-00002.safetensors"
+    shard.write_bytes(shard.read_bytes()[:200])
+    missing_shard = _broken_copy(tmp_path, name="missing_shard")
     (missing_shard / "model-00002-of-00002.safetensors").unlink()
-    cases.append(["--model", str(missing_shard)])
-    for i, case in enumerate(cases):
-        run = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "chatglm_sft",
-                "export",
-                *case,
-                "--family",
-                "chatglm2-6b",
-                "--output",
-                str(tmp_path / f"out{i}"),
-            ],
-            capture_output=True,
-            text=True,
-        )
+    for i, model in enumerate([missing_tensor, tmp_path / "absent", truncated, missing_shard]):
+        run = _export_cli(model, tmp_path / f"out{i}")
         assert run.returncode != 0
         assert "Traceback" not in run.stderr
         assert len(run.stderr.strip().splitlines()) == 1, run.stderr
-    assert (
-        "output_layer"
-        in subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "chatglm_sft",
-                "export",
-                *cases[0],
-                "--family",
-                "chatglm2-6b",
-                "--output",
-                str(tmp_path / "o"),
-            ],
-            capture_output=True,
-            text=True,
-        ).stderr
-    )
+    assert "output_layer" in _export_cli(missing_tensor, tmp_path / "o").stderr
 
 
 @pytest.mark.parametrize("name", GLM_TINY)
