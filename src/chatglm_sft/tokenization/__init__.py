@@ -130,8 +130,8 @@ class ChatGLMTokenizerFast(BatchFastPathMixin, ConversationMixin, PreTrainedToke
 
     def batch_ids(self, texts: list[str], add_special_tokens: bool) -> list[list[int]]:
         if self._sp is not None:
-            prefix = self._prefix if add_special_tokens else []
-            return [prefix + piece_ids for piece_ids in self._sp.encode(texts)]
+            rows = self._sp.encode(texts)
+            return [self._prefix + row for row in rows] if add_special_tokens else rows
         return [e.ids for e in self._tokenizer.encode_batch_fast(texts, add_special_tokens=add_special_tokens)]
 
     def encode_plain_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
@@ -170,8 +170,11 @@ class ChatGLMv1ChatTokenizer(BatchFastPathMixin, ConversationMixin, ChatGLMv1Tok
         return self.sp.encode(preprocess(text))
 
     def batch_ids(self, texts: list[str], add_special_tokens: bool) -> list[list[int]]:
-        suffix = [self.gmask_token_id, self.bos_token_id] if add_special_tokens else []
-        return [ids + suffix for ids in self.sp.encode([preprocess(t) for t in texts])]
+        rows = self.sp.encode([preprocess(t) for t in texts])
+        if add_special_tokens:
+            for row in rows:
+                row += (self.gmask_token_id, self.bos_token_id)
+        return rows
 
     def encode_plain_with_offsets(self, text: str):
         raise NotImplementedError("the chatglm-6b template never needs offsets")
