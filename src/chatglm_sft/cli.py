@@ -34,6 +34,89 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load_engine(args: argparse.Namespace):
+    import chatglm_sft
+    from chatglm_sft.infer.engine import Engine
+
+    # On the CPU, float32 by default: half-precision kernels there are slow or missing, and only float32 makes a
+    # padded batch reproduce each row's greedy output exactly.
+    dtype = args.dtype or ("float32" if str(args.device or "cpu").startswith("cpu") else None)
+    model = chatglm_sft.load_model(
+        args.model, dtype=dtype, device=args.device, family=args.family, adapter=args.adapter
+    )
+    return Engine(model, chatglm_sft.load_tokenizer(args.model, family=args.family))
+
+
+def _sampling(args: argparse.Namespace):
+    from chatglm_sft.infer.sampling import SamplingParams
+
+    if args.max_new_tokens <= 0:
+        raise UserError("--max-new-tokens must be positive")
+    return SamplingParams(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        repetition_penalty=args.repetition_penalty,
+        stop=tuple(args.stop),
+        seed=args.seed,
+    )
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from chatglm_sft.infer.predict import load_prompts, predict, write_jsonl
+
+    engine = _load_engine(args)
+    records, prompts = load_prompts(engine, args.data, args.format, args.prompt_field)
+    rows, summary = predict(engine, records, prompts, _sampling(args), batch_size=args.batch_size)
+    write_jsonl(rows, args.output)
+    print(
+        f"{summary.records} records -> {args.output}: {summary.generated_tokens} tokens generated in "
+        f"{summary.seconds:.1f} s ({summary.tokens_per_second:.1f} tokens/s)"
+    )
+    return 0
+
+
+def _cmd_chat(args: argparse.Namespace) -> int:
+    from chatglm_sft.infer.chat import ChatSession
+
+    session = ChatSession(_load_engine(args), _sampling(args), system=args.system)
+    print("chatglm-sft chat: /clear starts over, /exit (or end of input) quits", flush=True)
+    while True:
+        try:
+            query = input("user> ")
+        except EOFError:
+            print()
+            return 0
+        if query.strip() == "/exit":
+            return 0
+        if query.strip() == "/clear":
+            session.clear()
+            print("(history cleared)")
+            continue
+        if not query.strip():
+            continue
+        print("assistant> ", end="", flush=True)
+        for delta in session.send(query):
+            print(delta, end="", flush=True)
+        print(flush=True)
+
+
+def _add_generation_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--adapter", default=None, help="PEFT adapter folder (ours, or LoRA in THUDM's layout)")
+    p.add_argument(
+        "--dtype", default=None, help="float32, bfloat16 or float16 (default: float32 on the CPU, as stored on a GPU)"
+    )
+    p.add_argument("--device", default=None, help="cpu (default), cuda, cuda:1, ...")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--seed", type=int, default=None)
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="model folder (THUDM layout or exported by chatglm-sft)")
     p.add_argument(
@@ -55,8 +138,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, help="output folder (must be empty or absent)")
     p.add_argument("--format", choices=["hf", "thudm"], default="hf", help="hf (default) or thudm")
     p.add_argument("--adapter", default=None, help="LoRA adapter folder to merge before exporting")
-    p.add_argument("--dtype", default=None, help="weights dtype: float32, bfloat16 or float16 (default: as stored)")
+    p.add_argument(
+        "--dtype",
+        default=None,
+        help="weights dtype: float32, bfloat16 or float16 (default: as stored; float32 when merging an adapter)",
+    )
     p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser("predict", help="generate a response for every record of a file")
+    _add_model_args(p)
+    _add_generation_args(p)
+    p.add_argument("--data", required=True, help="JSON / JSONL records (alpaca, sharegpt, or --prompt-field)")
+    p.add_argument("--output", required=True, help="output JSONL: each record plus `response`, in input order")
+    p.add_argument("--format", default="auto", choices=["auto", "alpaca", "sharegpt", "columns"])
+    p.add_argument("--prompt-field", default=None, help="field holding the prompt (columns format)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.set_defaults(func=_cmd_predict)
+
+    p = sub.add_parser("chat", help="interactive chat in the terminal, streamed")
+    _add_model_args(p)
+    _add_generation_args(p)
+    p.add_argument("--system", default=None, help="system message")
+    p.set_defaults(func=_cmd_chat)
 
     p = sub.add_parser("info", help="show the detected family of a model folder")
     _add_model_args(p)

@@ -48,6 +48,8 @@ class Family:
     """Whether the official `encode` turns special-token strings typed in text into special ids (GLM-4 does)."""
     space_around_specials_in_decode: bool = False
     """Whether the official `decode` puts a space between special tokens and text (GLM-4's slow tokenizer does)."""
+    fullwidth_punctuation: bool = False
+    """Whether the official `chat()` makes half-width , ! : ; ? next to CJK characters full-width (ChatGLM-6B)."""
 
     def id_of(self, token: str) -> int:
         return self.special_tokens[token]
@@ -125,6 +127,7 @@ FAMILIES: dict[str, Family] = {
             template="chatglm-6b",
             lora_targets=("query_key_value",),
             recognise=_is_v1,
+            fullwidth_punctuation=True,
         ),
         Family(
             name="chatglm2-6b",

@@ -1,35 +1,97 @@
-"""Loading PEFT adapters on top of a loaded base model, with clear errors for mismatches."""
+"""Loading PEFT adapters on top of a loaded base model, with clear errors for mismatches.
+
+Two kinds load: our own (PEFT format, the model's module names) and LoRA adapters saved against THUDM's module
+names (``query_key_value`` ...), which are converted exactly onto the native modules. An adapter whose tensors do
+not all land in the model is an error, never a silently unloaded adapter.
+"""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model, set_peft_model_state_dict
+from safetensors.torch import load_file
 from transformers import PreTrainedModel
 
 from chatglm_sft.errors import UserError
 from chatglm_sft.families import Family
+from chatglm_sft.models.architectures import architecture_of
+
+
+def _adapter_state(adapter_dir: Path) -> dict[str, torch.Tensor]:
+    safe, binary = adapter_dir / "adapter_model.safetensors", adapter_dir / "adapter_model.bin"
+    try:
+        if safe.is_file():
+            return load_file(str(safe))
+        if binary.is_file():
+            return torch.load(binary, map_location="cpu", weights_only=True)
+    except Exception as e:  # damaged files raise many types
+        raise UserError(f"{adapter_dir}: cannot read adapter weights ({type(e).__name__}: {e})") from None
+    raise UserError(f"{adapter_dir}: no adapter_model.safetensors or adapter_model.bin")
+
+
+def _targets(config: dict) -> list[str]:
+    targets = config.get("target_modules") or []
+    return [targets] if isinstance(targets, str) else list(targets)
+
+
+def _check_loaded(model, state: dict[str, torch.Tensor], adapter_dir: Path) -> None:
+    lora_params = [n for n, _ in model.named_parameters() if ".lora_" in n]
+    if len(lora_params) != len([k for k in state if ".lora_" in k]) or not lora_params:
+        raise UserError(
+            f"{adapter_dir}: the adapter's {len(state)} tensors do not match the "
+            f"{len(lora_params)} LoRA parameters it creates in the model"
+        )
+
+
+def _load_thudm_lora(model: PreTrainedModel, adapter_dir: Path, config: dict, family: Family):
+    arch = architecture_of(family)
+    state = _adapter_state(adapter_dir)
+    converted = arch.lora_from_thudm(state, model.config)
+    targets = sorted({t for name in _targets(config) for t in arch.thudm_lora_targets[name]})
+    fields = {k: v for k, v in config.items() if k in ("r", "lora_alpha", "lora_dropout", "use_rslora", "bias")}
+    peft_model = get_peft_model(model, LoraConfig(target_modules=targets, **fields))
+    try:
+        result = set_peft_model_state_dict(peft_model, converted)
+    except RuntimeError as e:
+        raise UserError(f"{adapter_dir}: adapter does not fit this base model ({e})") from None
+    missing = [k for k in result.missing_keys if ".lora_" in k]
+    if missing or result.unexpected_keys:
+        raise UserError(
+            f"{adapter_dir}: adapter tensors did not load (missing {missing[:3]}, "
+            f"unexpected {result.unexpected_keys[:3]})"
+        )
+    return peft_model.eval()
 
 
 def load_adapter(model: PreTrainedModel, adapter_dir: str | Path, family: Family):
-    """Wrap `model` in a `peft.PeftModel` with the adapter in `adapter_dir` (PEFT format)."""
-    from peft import PeftModel
-
+    """Wrap `model` in a `peft.PeftModel` with the adapter in `adapter_dir`."""
     adapter_dir = Path(adapter_dir)
     config_path = adapter_dir / "adapter_config.json"
     if not config_path.is_file():
         raise UserError(f"{adapter_dir}: not a PEFT adapter folder (no adapter_config.json)")
     config = json.loads(config_path.read_text())
     names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
-    targets = config.get("target_modules") or []
-    targets = [targets] if isinstance(targets, str) else targets
+    targets = _targets(config)
+    arch = architecture_of(family)
+    if (
+        arch.lora_from_thudm
+        and targets
+        and all(t in arch.thudm_lora_targets for t in targets)
+        and not (set(targets) & names)
+    ):
+        return _load_thudm_lora(model, adapter_dir, config, family)
     unknown = [t for t in targets if t not in names]
     if unknown:
         raise UserError(
             f"{config_path}: target modules {unknown} do not exist in this {family.name} model "
-            f"(wrong base model or family?)"
+            "(wrong base model or family?)"
         )
     try:
-        return PeftModel.from_pretrained(model, adapter_dir, is_trainable=False)
+        peft_model = PeftModel.from_pretrained(model, adapter_dir, is_trainable=False)
     except (RuntimeError, ValueError, KeyError) as e:  # shape mismatches and broken files
         raise UserError(f"{adapter_dir}: adapter does not fit this base model ({e})") from None
+    _check_loaded(peft_model, _adapter_state(adapter_dir), adapter_dir)
+    return peft_model

@@ -14,7 +14,13 @@ from transformers import GlmConfig, GlmForCausalLM, PretrainedConfig, PreTrained
 from chatglm_sft.errors import UserError
 from chatglm_sft.families import Family
 from chatglm_sft.models import convert_glm
-from chatglm_sft.models.chatglm_v1 import ChatGLMv1Config, ChatGLMv1ForCausalLM, rotary_inv_freq
+from chatglm_sft.models.chatglm_v1 import (
+    ChatGLMv1Config,
+    ChatGLMv1ForCausalLM,
+    next_position_ids,
+    position_ids_from_ids,
+    rotary_inv_freq,
+)
 
 TensorPairs = list[tuple[str, torch.Tensor]]
 
@@ -37,6 +43,16 @@ class Architecture:
     """Our whole state dict -> THUDM's."""
     thudm_name: Callable[[str], str]
     """Our tensor name -> the THUDM tensor it comes from."""
+    first_positions: Callable[[PretrainedConfig, torch.Tensor, torch.Tensor], torch.Tensor]
+    """Position ids of a left-padded prompt batch (ids, attention mask)."""
+    next_positions: Callable[[torch.Tensor], torch.Tensor]
+    """Position ids of the next token from the last ones (`positions[..., -1:]`)."""
+    reuses_prefix_cache: bool
+    """Whether a KV cache stays valid when the prompt grows (False under a prefix-LM mask, which sees ahead)."""
+    lora_from_thudm: Callable[[dict[str, torch.Tensor], PretrainedConfig], dict[str, torch.Tensor]] | None = None
+    """Converts a LoRA adapter saved on THUDM's module names, when ours differ (None: the names are THUDM's)."""
+    thudm_lora_targets: dict[str, tuple[str, ...]] | None = None
+    """THUDM module name -> our module names, for those adapters."""
 
     def native_config(self, raw: dict) -> PretrainedConfig:
         return self.model_class.config_class.from_dict(raw)
@@ -105,6 +121,11 @@ ARCHITECTURES: dict[str, Architecture] = {
         tensor_from_thudm=convert_glm.thudm_to_hf,
         state_to_thudm=convert_glm.hf_to_thudm,
         thudm_name=convert_glm.thudm_name,
+        first_positions=lambda config, ids, mask: (mask.long().cumsum(-1) - 1).clamp(min=0),
+        next_positions=lambda last: last + 1,
+        reuses_prefix_cache=True,
+        lora_from_thudm=convert_glm.lora_state_from_thudm,
+        thudm_lora_targets=convert_glm.THUDM_LORA_TARGETS,
     ),
     "chatglm-v1": Architecture(
         model_class=ChatGLMv1ForCausalLM,
@@ -114,6 +135,9 @@ ARCHITECTURES: dict[str, Architecture] = {
         tensor_from_thudm=_v1_tensor_from_thudm,
         state_to_thudm=_v1_state_to_thudm,
         thudm_name=lambda name: name,
+        first_positions=lambda config, ids, mask: position_ids_from_ids(ids, config, mask),
+        next_positions=next_position_ids,
+        reuses_prefix_cache=False,
     ),
 }
 

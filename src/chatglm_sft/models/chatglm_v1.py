@@ -337,9 +337,8 @@ class ChatGLMv1ForCausalLM(ChatGLMv1PreTrainedModel, GenerationMixin):
         )
         if positions is not None:
             steps = torch.arange(1, num_new_tokens + 1, device=positions.device)
-            token = positions[:, 0, -1:].expand(-1, num_new_tokens)
-            block = positions[:, 1, -1:] + steps
-            model_kwargs["position_ids"] = torch.cat([positions, torch.stack([token, block], dim=1)], dim=-1)
+            new = torch.stack([positions[:, 0, -1:].expand(-1, num_new_tokens), positions[:, 1, -1:] + steps], 1)
+            model_kwargs["position_ids"] = torch.cat([positions, new], dim=-1)
         return model_kwargs
 
     def _expand_inputs_for_generation(self, expand_size=1, is_encoder_decoder=False, input_ids=None, **model_kwargs):
@@ -357,3 +356,8 @@ class ChatGLMv1ForCausalLM(ChatGLMv1PreTrainedModel, GenerationMixin):
 # `AutoModelForCausalLM.from_pretrained` opens folders saved from this class once chatglm_sft is imported.
 AutoConfig.register(ChatGLMv1Config.model_type, ChatGLMv1Config, exist_ok=True)
 AutoModelForCausalLM.register(ChatGLMv1Config, ChatGLMv1ForCausalLM, exist_ok=True)
+
+
+def next_position_ids(last: torch.Tensor) -> torch.Tensor:
+    """Positions [B, 2, 1] of the token after `last` ([B, 2, 1]): the token position stays, the block counts on."""
+    return torch.stack([last[:, 0], last[:, 1] + 1], dim=1)

@@ -191,3 +191,37 @@ def thudm_name(hf_name: str) -> str:
         return f"transformer.encoder.layers.{layer}.{by_hf[rest]}"
     kind = rest.rsplit(".", 1)[1]
     return f"transformer.encoder.layers.{layer}.self_attention.query_key_value.{kind}"
+
+
+# LoRA adapters saved against THUDM's module names (the seed project, ChatGLM-Tuning, LLaMA-Factory for ChatGLM2/3).
+THUDM_LORA_TARGETS = {
+    "query_key_value": ("q_proj", "k_proj", "v_proj"),
+    "dense": ("o_proj",),
+    "dense_h_to_4h": ("gate_up_proj",),
+    "dense_4h_to_h": ("down_proj",),
+}
+_LORA_KEY = re.compile(
+    r"(?:base_model\.model\.)?transformer\.encoder\.layers\.(\d+)\.(self_attention|mlp)\.(\w+)\.(lora_[AB])\.weight"
+)
+
+
+def lora_state_from_thudm(state: dict[str, torch.Tensor], config: GlmConfig) -> dict[str, torch.Tensor]:
+    """PEFT LoRA tensors on THUDM's modules -> the same low-rank update on `GlmForCausalLM`'s modules.
+
+    For the fused ``query_key_value``, W + B·A splits exactly: q/k/v each keep A and take their rows of B.
+    """
+    out = {}
+    for name, tensor in state.items():
+        match = _LORA_KEY.fullmatch(name)
+        if not match or match.group(3) not in THUDM_LORA_TARGETS:
+            raise UserError(f"unexpected tensor {name!r} in a THUDM-layout LoRA adapter")
+        layer, block, module, lora = match.groups()
+        parent = "self_attn" if block == "self_attention" else "mlp"
+        targets = THUDM_LORA_TARGETS[module]
+        if module == "query_key_value" and lora == "lora_B":
+            parts = _split_qkv(tensor, config)
+        else:
+            parts = [tensor] * len(targets)
+        for target, part in zip(targets, parts, strict=True):
+            out[f"base_model.model.model.layers.{layer}.{parent}.{target}.{lora}.weight"] = part
+    return out

@@ -1,0 +1,1 @@
+"""Data: reading record files, turning records into conversations."""

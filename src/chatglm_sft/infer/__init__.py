@@ -1,0 +1,1 @@
+"""Inference: sampling, the generation engine over token ids, chat, batch prediction."""

@@ -1,0 +1,69 @@
+"""Choosing the next token: pure functions over a [B, V] logits tensor."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to pick tokens and when to stop."""
+
+    max_new_tokens: int = 256
+    """Upper bound on generated tokens per prompt."""
+    temperature: float = 0.0
+    """0 means greedy (reproducible); otherwise logits are divided by it before sampling."""
+    top_p: float = 1.0
+    """Nucleus sampling: keep the smallest set of tokens whose probability reaches top_p."""
+    top_k: int = 0
+    """Keep only the k most likely tokens (0: no limit)."""
+    repetition_penalty: float = 1.0
+    """CTRL-style penalty (>1 discourages tokens already in prompt or output)."""
+    stop: tuple[str, ...] = field(default_factory=tuple)
+    """Strings that end generation; the text is cut before them."""
+    seed: int | None = None
+    """Seed for sampling; None draws from torch's global generator."""
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0
+
+
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """Divide positive and multiply negative logits of already seen token ids (`seen`: [B, T], -1 ignored)."""
+    if penalty == 1.0 or seen.numel() == 0:
+        return logits
+    counts = torch.zeros_like(logits, dtype=torch.int32)
+    counts.scatter_add_(1, seen.clamp(min=0), (seen >= 0).int())
+    penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(counts > 0, penalized, logits)
+
+
+def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
+    if k <= 0 or k >= logits.shape[-1]:
+        return logits
+    kth = torch.topk(logits, k, dim=-1).values[:, -1:]
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
+    if p >= 1.0:
+        return logits
+    sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+    cumulative = sorted_logits.softmax(-1).cumsum(-1)
+    # drop a token when the tokens before it already reach p (the most likely token always stays)
+    drop = (cumulative - sorted_logits.softmax(-1)) >= p
+    return logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
+
+
+def next_tokens(
+    logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """The next token per row ([B]) for float logits [B, V]."""
+    logits = apply_repetition_penalty(logits.float(), seen, params.repetition_penalty)
+    if params.greedy:
+        return logits.argmax(-1)
+    logits = top_p_filter(top_k_filter(logits / params.temperature, params.top_k), params.top_p)
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
