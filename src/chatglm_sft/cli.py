@@ -102,6 +102,41 @@ def _cmd_chat(args: argparse.Namespace) -> int:
         print(flush=True)
 
 
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from chatglm_sft.eval import runner
+
+    fields = runner.DEFAULT_FIELDS.get(args.task)
+    answer_field = args.answer_field or (fields.answer if fields else None)
+    if args.predictions:
+        if args.task == "loss":
+            raise UserError("--task loss needs --model and --data, not --predictions")
+        rows = runner.read_predictions(args.predictions)
+        metrics, details = runner.score_rows(args.task, rows, answer_field, args.predictions)
+    else:
+        if not (args.model and args.data):
+            raise UserError("pass --predictions FILE, or --model DIR with --data FILE")
+        engine = _load_engine(args)
+        if args.task == "loss":
+            from chatglm_sft.eval.loss import answer_loss
+
+            examples = runner.loss_examples(
+                engine.tokenizer, args.data, args.format, args.prompt_field, args.answer_field, args.max_length
+            )
+            metrics = answer_loss(engine.model, examples, engine.family.pad_id, args.batch_size)
+            details = [{"tokens": sum(1 for y in labels if y != -100)} for _, labels in examples]
+        else:
+            from chatglm_sft.infer.predict import load_prompts, predict
+
+            prompt_field = args.prompt_field or (fields.prompt if args.format in ("auto", "columns") else None)
+            records, prompts = load_prompts(engine, args.data, args.format, prompt_field)
+            rows, _ = predict(engine, records, prompts, _sampling(args), batch_size=args.batch_size)
+            metrics, details = runner.score_rows(args.task, rows, answer_field, args.data)
+    records_path = runner.write_results(metrics, details, args.output)
+    print(runner.format_table(metrics))
+    print(f"metrics -> {args.output}, per-record results -> {records_path}")
+    return 0
+
+
 def _add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--adapter", default=None, help="PEFT adapter folder (ours, or LoRA in THUDM's layout)")
     p.add_argument(
@@ -160,6 +195,25 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generation_args(p)
     p.add_argument("--system", default=None, help="system message")
     p.set_defaults(func=_cmd_chat)
+
+    p = sub.add_parser("eval", help="score predictions: math23k accuracy, ROUGE/BLEU, or answer-token loss")
+    p.add_argument("--task", required=True, choices=["math23k", "generation", "loss"])
+    p.add_argument("--predictions", default=None, help="JSONL with `response` and the answer field: score only")
+    p.add_argument("--model", default=None, help="model folder: generate (or compute the loss) first")
+    p.add_argument("--family", default=None, help="override family detection")
+    p.add_argument("--data", default=None, help="records to evaluate on (with --model)")
+    p.add_argument("--output", required=True, help="metrics JSON; per-record results go beside it")
+    p.add_argument("--format", default="auto", choices=["auto", "alpaca", "sharegpt", "columns"])
+    p.add_argument("--prompt-field", default=None, help="prompt field (default: original_text / content)")
+    p.add_argument(
+        "--answer-field",
+        default=None,
+        help="gold field (default: ans / summary; `reference` for generation predictions files is set with this too)",
+    )
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-length", type=int, default=None, help="truncate examples for --task loss")
+    _add_generation_args(p)
+    p.set_defaults(func=_cmd_eval)
 
     p = sub.add_parser("info", help="show the detected family of a model folder")
     _add_model_args(p)

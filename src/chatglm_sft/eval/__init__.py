@@ -1,0 +1,1 @@
+"""Evaluation: Math23K accuracy, THUDM's ROUGE/BLEU, answer-token loss."""

@@ -1,0 +1,92 @@
+"""`chatglm-sft eval`: generate (or read) predictions, score them, write the metrics and per-record results."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from chatglm_sft.data.formats import RecordError, read_records, to_messages
+from chatglm_sft.errors import UserError
+from chatglm_sft.eval import generation, math23k
+
+TASKS = ("math23k", "generation", "loss")
+
+
+@dataclass(frozen=True)
+class TaskFields:
+    prompt: str
+    """Record field holding the prompt (model mode)."""
+    answer: str
+    """Record field holding the gold answer / reference."""
+
+
+DEFAULT_FIELDS = {"math23k": TaskFields("original_text", "ans"), "generation": TaskFields("content", "summary")}
+
+
+def read_predictions(path: str | Path) -> list[dict]:
+    """Rows of a predictions JSONL; every row must be an object."""
+    rows = []
+    for record in read_records(path):
+        if record.error:
+            raise UserError(f"{path}:{record.line}: {record.error}")
+        if not isinstance(record.data, dict):
+            raise UserError(f"{path}:{record.line}: expected a JSON object")
+        rows.append(record.data)
+    if not rows:
+        raise UserError(f"{path}: no predictions")
+    return rows
+
+
+def check_fields(rows: list[dict], path: str | Path, fields: tuple[str, ...]) -> None:
+    for i, row in enumerate(rows):
+        for field in fields:
+            if field not in row:
+                raise UserError(f"{path}: record {i + 1} has no {field!r} field")
+
+
+def score_rows(task: str, rows: list[dict], answer_field: str, source: str | Path) -> tuple[dict, list[dict]]:
+    if task == "math23k":
+        check_fields(rows, source, ("response", answer_field))
+        return math23k.score(rows, answer_field=answer_field)
+    check_fields(rows, source, ("response", answer_field))
+    return generation.score(rows, reference_field=answer_field)
+
+
+def loss_examples(
+    tokenizer, data: str | Path, fmt: str, prompt_field: str | None, response_field: str | None, max_length: int | None
+):
+    from chatglm_sft.conversation import encode_conversation
+
+    examples = []
+    for record in read_records(data):
+        if record.error:
+            raise UserError(f"{data}:{record.line}: {record.error}")
+        try:
+            messages = to_messages(record.data, fmt, prompt_field, response_field, need_reply=True)
+        except RecordError as e:
+            raise UserError(f"{data}:{record.line}: {e}") from None
+        encoded = encode_conversation(tokenizer, messages, max_length=max_length)
+        examples.append((encoded.input_ids, encoded.labels))
+    return examples
+
+
+def write_results(metrics: dict, details: list[dict], output: str | Path) -> Path:
+    """Metrics to OUTPUT (JSON) and per-record results beside it (OUTPUT with .records.jsonl)."""
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(metrics, ensure_ascii=False, indent=2) + "\n")
+    records = output.with_suffix(".records.jsonl")
+    with records.open("w", encoding="utf-8") as f:
+        for row in details:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    return records
+
+
+def format_table(metrics: dict) -> str:
+    width = max(len(k) for k in metrics)
+    lines = [f"{'metric':<{width}}  value", f"{'-' * width}  -----"]
+    for key, value in metrics.items():
+        shown = f"{value:.4f}" if isinstance(value, float) else str(value)
+        lines.append(f"{key:<{width}}  {shown}")
+    return "\n".join(lines)
