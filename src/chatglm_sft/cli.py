@@ -137,6 +137,35 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    from chatglm_sft.train.config import TrainConfig, load_config
+    from chatglm_sft.train.loop import train
+
+    fields = TrainConfig.__dataclass_fields__
+    overrides = {name: getattr(args, name) for name in fields if getattr(args, name, None) is not None}
+    train(load_config(args.config, overrides))
+    return 0
+
+
+def _cmd_data_check(args: argparse.Namespace) -> int:
+    from chatglm_sft.data.dataset import check_records, format_report, tokenize_records
+
+    family = tokenizer = None
+    if args.model:
+        import chatglm_sft
+        from chatglm_sft.families import detect_family
+
+        family = detect_family(args.model, args.family)
+        tokenizer = chatglm_sft.load_tokenizer(args.model, family=family.name)
+    report = check_records(args.data, args.format, args.prompt_field, args.response_field, family)
+    tokenized = None
+    if tokenizer is not None:
+        conversations = [messages for _, messages in report.good]
+        tokenized = tokenize_records(tokenizer, conversations, args.max_length)
+    print(format_report(report, tokenized))
+    return 1 if report.bad else 0
+
+
 def _add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--adapter", default=None, help="PEFT adapter folder (ours, or LoRA in THUDM's layout)")
     p.add_argument(
@@ -214,6 +243,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-length", type=int, default=None, help="truncate examples for --task loss")
     _add_generation_args(p)
     p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("train", help="fine-tune (LoRA, full, freeze) on your records")
+    from chatglm_sft.train.config import add_arguments
+
+    add_arguments(p)
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("data", help="data tools")
+    data_sub = p.add_subparsers(dest="data_command", metavar="DATA_COMMAND", required=True)
+    p = data_sub.add_parser("check", help="validate a record file; exit 1 if any record is bad")
+    p.add_argument("--data", required=True)
+    p.add_argument("--format", default="auto", choices=["auto", "alpaca", "sharegpt", "columns"])
+    p.add_argument("--prompt-field", default=None)
+    p.add_argument("--response-field", default=None)
+    p.add_argument("--model", default=None, help="also report token lengths with this model's tokenizer")
+    p.add_argument("--family", default=None)
+    p.add_argument("--max-length", type=int, default=1024, help="count examples longer than this")
+    p.set_defaults(func=_cmd_data_check)
 
     p = sub.add_parser("info", help="show the detected family of a model folder")
     _add_model_args(p)

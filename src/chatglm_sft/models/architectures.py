@@ -19,6 +19,7 @@ from chatglm_sft.models.chatglm_v1 import (
     ChatGLMv1ForCausalLM,
     next_position_ids,
     position_ids_from_ids,
+    prefix_lm_mask,
     rotary_inv_freq,
 )
 
@@ -49,6 +50,10 @@ class Architecture:
     """Position ids of the next token from the last ones (`positions[..., -1:]`)."""
     reuses_prefix_cache: bool
     """Whether a KV cache stays valid when the prompt grows (False under a prefix-LM mask, which sees ahead)."""
+    example_attention: Callable[[PretrainedConfig, torch.Tensor], torch.Tensor] | None = None
+    """[L, L] boolean mask (True: may attend) of one example [1, L], for packing several into a row."""
+    mask_for_model: Callable[[torch.Tensor], torch.Tensor] | None = None
+    """A [B, 1, L, L] boolean mask (True: may attend) in the form the model takes as a 4-D attention mask."""
     lora_from_thudm: Callable[[dict[str, torch.Tensor], PretrainedConfig], dict[str, torch.Tensor]] | None = None
     """Converts a LoRA adapter saved on THUDM's module names, when ours differ (None: the names are THUDM's)."""
     thudm_lora_targets: dict[str, tuple[str, ...]] | None = None
@@ -124,6 +129,8 @@ ARCHITECTURES: dict[str, Architecture] = {
         first_positions=lambda config, ids, mask: (mask.long().cumsum(-1) - 1).clamp(min=0),
         next_positions=lambda last: last + 1,
         reuses_prefix_cache=True,
+        example_attention=lambda config, ids: torch.ones(ids.shape[1], ids.shape[1], dtype=torch.bool).tril(),
+        mask_for_model=lambda allowed: allowed,
         lora_from_thudm=convert_glm.lora_state_from_thudm,
         thudm_lora_targets=convert_glm.THUDM_LORA_TARGETS,
     ),
@@ -138,6 +145,8 @@ ARCHITECTURES: dict[str, Architecture] = {
         first_positions=lambda config, ids, mask: position_ids_from_ids(ids, config, mask),
         next_positions=next_position_ids,
         reuses_prefix_cache=False,
+        example_attention=lambda config, ids: prefix_lm_mask(ids, config, None, 0)[0, 0],
+        mask_for_model=lambda allowed: ~allowed,  # ChatGLM-6B takes THUDM's convention: True = masked
     ),
 }
 

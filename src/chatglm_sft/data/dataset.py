@@ -1,0 +1,152 @@
+"""Validating training records and tokenizing them, with nothing dropped silently.
+
+`check_records` sorts every record of a file into good conversations and bad records (file, line, reason);
+`tokenize_records` turns good ones into `input_ids`/`labels` through the conversation encoder and reports lengths.
+The tokenized set is cached with `datasets` under the output folder, keyed by the data and the settings.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from chatglm_sft.conversation import encode_conversation, render
+from chatglm_sft.data.formats import RecordError, read_records, to_messages
+from chatglm_sft.errors import UserError
+from chatglm_sft.families import Family
+
+
+@dataclass
+class BadRecord:
+    file: str
+    line: int
+    reason: str
+    data: object = None
+
+    def __str__(self) -> str:
+        return f"{self.file}:{self.line}: {self.reason}"
+
+
+@dataclass
+class DataReport:
+    file: str
+    read: int = 0
+    good: list[tuple[int, list[dict]]] = field(default_factory=list)
+    """(line, messages) of every usable record, in file order."""
+    bad: list[BadRecord] = field(default_factory=list)
+
+
+def check_records(
+    path: str | Path,
+    fmt: str = "auto",
+    prompt_field: str | None = None,
+    response_field: str | None = None,
+    family: Family | None = None,
+) -> DataReport:
+    """Read and validate every record; with a family, also check its chat template accepts the conversation."""
+    report = DataReport(str(path))
+    for record in read_records(path):
+        report.read += 1
+        if record.error:
+            report.bad.append(BadRecord(str(path), record.line, record.error))
+            continue
+        try:
+            messages = to_messages(record.data, fmt, prompt_field, response_field, need_reply=True)
+            if messages[-1]["role"] != "assistant":
+                raise RecordError("the conversation does not end with an assistant reply to learn")
+            if not messages[-1]["content"].strip():
+                raise RecordError("the last assistant reply is empty")
+            if family is not None:
+                render(family.template, messages, add_generation_prompt=False)
+        except (RecordError, UserError) as e:
+            report.bad.append(BadRecord(str(path), record.line, str(e), record.data))
+            continue
+        report.good.append((record.line, messages))
+    return report
+
+
+@dataclass
+class Tokenized:
+    input_ids: list[list[int]]
+    labels: list[list[int]]
+    lengths_before_truncation: list[int]
+    max_length: int
+
+    @property
+    def truncated(self) -> int:
+        return sum(n > self.max_length for n in self.lengths_before_truncation)
+
+
+def tokenize_records(
+    tokenizer, conversations: list[list[dict]], max_length: int, last_turn_only: bool = False
+) -> Tokenized:
+    ids, labels, lengths = [], [], []
+    for messages in conversations:
+        full = encode_conversation(tokenizer, messages, last_turn_only=last_turn_only)
+        lengths.append(len(full.input_ids))
+        if len(full.input_ids) > max_length:
+            full = encode_conversation(tokenizer, messages, max_length=max_length, last_turn_only=last_turn_only)
+        ids.append(full.input_ids)
+        labels.append(full.labels)
+    return Tokenized(ids, labels, lengths, max_length)
+
+
+def length_summary(lengths: list[int]) -> str:
+    if not lengths:
+        return "no records"
+    return (
+        f"min {min(lengths)}, median {statistics.median(lengths):.0f}, mean {statistics.fmean(lengths):.1f}, "
+        f"max {max(lengths)}"
+    )
+
+
+def format_report(report: DataReport, tokenized: Tokenized | None = None, shown: int = 20) -> str:
+    lines = [
+        f"file: {report.file}",
+        f"records read: {report.read}",
+        f"good: {len(report.good)}",
+        f"bad: {len(report.bad)}",
+    ]
+    lines += [f"  {bad}" for bad in report.bad[:shown]]
+    if len(report.bad) > shown:
+        lines.append(f"  ... and {len(report.bad) - shown} more")
+    if tokenized is not None:
+        lines.append(f"tokens per example: {length_summary(tokenized.lengths_before_truncation)}")
+        lines.append(f"longer than --max-length {tokenized.max_length} (would be truncated): {tokenized.truncated}")
+    return "\n".join(lines)
+
+
+def write_rejected(bad: list[BadRecord], path: Path) -> None:
+    with path.open("w", encoding="utf-8") as f:
+        for record in bad:
+            f.write(
+                json.dumps(
+                    {"file": record.file, "line": record.line, "reason": record.reason, "record": record.data},
+                    ensure_ascii=False,
+                )
+                + "\n"
+            )
+
+
+def cache_key(data_path: str | Path, settings: dict) -> str:
+    digest = hashlib.sha256(Path(data_path).read_bytes())
+    digest.update(json.dumps(settings, sort_keys=True).encode())
+    return digest.hexdigest()[:16]
+
+
+def cached_tokenized(cache_dir: Path, key: str, build) -> tuple[list[list[int]], list[list[int]]]:
+    """Load the tokenized set from `cache_dir/key`, or build it with `build()` and save it there."""
+    from datasets import Dataset, load_from_disk
+
+    target = cache_dir / key
+    if target.is_dir():
+        dataset = load_from_disk(str(target))
+        return dataset["input_ids"], dataset["labels"]
+    input_ids, labels = build()
+    tmp = cache_dir / f".{key}.tmp"
+    Dataset.from_dict({"input_ids": input_ids, "labels": labels}).save_to_disk(str(tmp))
+    tmp.rename(target)
+    return input_ids, labels

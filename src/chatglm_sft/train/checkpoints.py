@@ -1,0 +1,163 @@
+"""Checkpoints (atomic, resumable to the exact step) and the training log (log.jsonl, TensorBoard, loss.png)."""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from chatglm_sft.errors import UserError
+
+_CHECKPOINT = re.compile(r"checkpoint-(\d+)")
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    bad_steps: int = 0
+    history: list[dict] = field(default_factory=list)
+    """Every log entry so far (train and eval), carried in checkpoints so a resumed log is whole."""
+
+
+def complete_checkpoints(out: Path) -> list[Path]:
+    """Finished checkpoints, oldest first; a killed save leaves only a `.tmp-` folder, never one of these."""
+    found = [(int(m.group(1)), p) for p in out.glob("checkpoint-*") if (m := _CHECKPOINT.fullmatch(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def save(trainer) -> Path:
+    """Write OUTPUT/checkpoint-N under a temporary name, then rename it into place."""
+    out, step = trainer.out, trainer.state.step
+    final = out / f"checkpoint-{step}"
+    if trainer.d.main:
+        tmp = out / f".tmp-checkpoint-{step}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        trainable = {n: p.detach().cpu().contiguous() for n, p in trainer.model.named_parameters() if p.requires_grad}
+        save_file(trainable, str(tmp / "trainable.safetensors"))
+        if trainer.config.method == "lora":
+            trainer.model.save_pretrained(tmp)  # a usable adapter as well
+        torch.save(
+            {
+                "optimizer": trainer.optimizer.state_dict(),
+                "scheduler": trainer.scheduler.state_dict(),
+                "scaler": trainer.scaler.state_dict(),
+            },
+            tmp / "optimizer.pt",
+        )
+        (tmp / "trainer_state.json").write_text(json.dumps(asdict(trainer.state)))
+        _save_rng(tmp / "rng.pt")
+        tmp.rename(final)
+        _prune(out, trainer.config.save_total_limit)
+    if trainer.d.world > 1:
+        torch.distributed.barrier()
+    return final
+
+
+def _save_rng(path: Path) -> None:
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    torch.save(state, path)
+
+
+def _prune(out: Path, limit: int) -> None:
+    if limit > 0:
+        for old in complete_checkpoints(out)[:-limit]:
+            shutil.rmtree(old)
+
+
+def resume(trainer) -> int:
+    """Restore from `--resume auto|DIR`; returns the step to continue from (0 when auto finds nothing)."""
+    choice = trainer.config.resume
+    if choice == "auto":
+        found = complete_checkpoints(trainer.out)
+        if not found:
+            return 0
+        folder = found[-1]
+    else:
+        folder = Path(choice)
+        if not (folder / "trainer_state.json").is_file():
+            raise UserError(f"{folder}: not a complete checkpoint (no trainer_state.json)")
+    saved = load_file(str(folder / "trainable.safetensors"))
+    params = dict(trainer.model.named_parameters())
+    for name, tensor in saved.items():
+        if name not in params:
+            raise UserError(f"{folder}: checkpoint tensor {name} does not exist in this model (other --method?)")
+        with torch.no_grad():
+            params[name].copy_(tensor)
+    extra = torch.load(folder / "optimizer.pt", map_location=trainer.d.device, weights_only=False)
+    trainer.optimizer.load_state_dict(extra["optimizer"])
+    trainer.scheduler.load_state_dict(extra["scheduler"])
+    trainer.scaler.load_state_dict(extra["scaler"])
+    state = json.loads((folder / "trainer_state.json").read_text())
+    trainer.state.step, trainer.state.bad_steps = state["step"], state["bad_steps"]
+    trainer.state.history = state["history"]
+    rng = torch.load(folder / "rng.pt", weights_only=False)
+    random.setstate(rng["python"])
+    torch.set_rng_state(rng["torch"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    if trainer.d.main:
+        print(f"resuming from {folder} at step {trainer.state.step}", flush=True)
+    return trainer.state.step
+
+
+class Log:
+    """log.jsonl (rewritten from the state on resume, so it never holds steps a crash made void), TensorBoard."""
+
+    def __init__(self, out: Path, main: bool, state: TrainState):
+        self.out, self.main, self.state = out, main, state
+        self.writer = None
+        if main:
+            with (out / "log.jsonl").open("w") as f:
+                for entry in state.history:
+                    f.write(json.dumps(entry) + "\n")
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.writer = SummaryWriter(str(out / "tensorboard"))
+            except ImportError:  # tensorboard is optional
+                self.writer = None
+
+    def write(self, entry: dict) -> None:
+        self.state.history.append(entry)
+        if not self.main:
+            return
+        with (self.out / "log.jsonl").open("a") as f:
+            f.write(json.dumps(entry) + "\n")
+        if self.writer is not None:
+            for key, value in entry.items():
+                if key != "step":
+                    self.writer.add_scalar(key if key.startswith("eval") else f"train/{key}", value, entry["step"])
+
+    def plot(self) -> None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        train = [(e["step"], e["loss"]) for e in self.state.history if "loss" in e]
+        evals = [(e["step"], e["eval_loss"]) for e in self.state.history if "eval_loss" in e]
+        fig, ax = plt.subplots(figsize=(7, 4))
+        if train:
+            ax.plot(*zip(*train, strict=True), label="train loss")
+        if evals:
+            ax.plot(*zip(*evals, strict=True), marker="o", label="eval loss")
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss")
+        ax.legend()
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(self.out / "loss.png", dpi=100)
+        plt.close(fig)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()

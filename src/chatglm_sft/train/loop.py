@@ -1,0 +1,362 @@
+"""`chatglm-sft train`: an explicit training loop, resumable to the exact step, single- or multi-process.
+
+The data order of every optimizer step is a pure function of (seed, step), so a resumed run picks up exactly where
+the checkpoint left off, and each process of a DDP run takes its share of the same examples. The loss of a step is
+the mean over all answer tokens of all its micro-batches on all processes (token-weighted, as if the whole step
+were one batch), which also makes 2-process gradients equal 1-process gradients on the doubled batch.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+import yaml
+from tqdm import tqdm
+
+from chatglm_sft.conversation import IGNORE_INDEX
+from chatglm_sft.data.dataset import (
+    cache_key,
+    cached_tokenized,
+    check_records,
+    tokenize_records,
+    write_rejected,
+)
+from chatglm_sft.errors import UserError
+from chatglm_sft.families import detect_family
+from chatglm_sft.models.architectures import architecture_of
+from chatglm_sft.train import checkpoints
+from chatglm_sft.train.batching import epoch_order, pack_batch, pad_batch
+from chatglm_sft.train.config import TrainConfig, to_dict
+from chatglm_sft.train.methods import prepare_model, save_result, trainable_parameters
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def all_sum(self, values: list[float]) -> list[float]:
+        if self.world == 1:
+            return values
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return t.tolist()
+
+
+def setup_distributed(config: TrainConfig) -> Dist:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    cuda = torch.cuda.is_available() and (config.device or "cuda").startswith("cuda")
+    device = torch.device(f"cuda:{local}" if cuda and world > 1 else (config.device or ("cuda" if cuda else "cpu")))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    return Dist(rank, world, device)
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype (None: full float32)."""
+    if precision == "fp32":
+        return None
+    if precision == "bf16":
+        return torch.bfloat16
+    if precision == "fp16":
+        return torch.float16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    amx = "AMX" in torch.backends.cpu.get_cpu_capability() or "amx_bf16" in _cpu_flags()
+    return torch.bfloat16 if amx else None
+
+
+def _cpu_flags() -> str:
+    try:
+        return Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ""
+
+
+def lr_factor(step: int, config: TrainConfig, total: int) -> float:
+    if config.warmup_steps and step < config.warmup_steps:
+        return (step + 1) / config.warmup_steps
+    if config.lr_scheduler == "constant":
+        return 1.0
+    progress = (step - config.warmup_steps) / max(1, total - config.warmup_steps)
+    if config.lr_scheduler == "linear":
+        return max(0.0, 1.0 - progress)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def _say(d: Dist, message: str) -> None:
+    if d.main:
+        print(message, flush=True)
+
+
+def load_data(config: TrainConfig, tokenizer, family, out: Path, d: Dist):
+    """Validated, tokenized (cached) examples split into train and eval."""
+    report = check_records(config.data, config.format, config.prompt_field, config.response_field, family)
+    if report.bad:
+        if config.on_bad_record == "error":
+            raise UserError(
+                f"{report.bad[0]} ({len(report.bad)} bad record(s) of {report.read}; run "
+                "`chatglm-sft data check` for all of them, or pass --on-bad-record skip)"
+            )
+        if d.main:
+            write_rejected(report.bad, out / "rejected.jsonl")
+        _say(d, f"skipping {len(report.bad)} bad record(s) of {report.read}; they are in {out / 'rejected.jsonl'}")
+    conversations = [messages for _, messages in report.good][: config.max_samples or None]
+    if not conversations:
+        raise UserError(f"{config.data}: no usable records")
+    settings = {
+        "family": family.name,
+        "max_length": config.max_length,
+        "last_turn_only": config.last_turn_only,
+        "format": config.format,
+        "prompt_field": config.prompt_field,
+        "response_field": config.response_field,
+        "max_samples": config.max_samples,
+        "on_bad_record": config.on_bad_record,
+    }
+    cache_dir = out / "cache"
+    cache_dir.mkdir(parents=True, exist_ok=True)
+
+    def build():
+        tokenized = tokenize_records(tokenizer, conversations, config.max_length, config.last_turn_only)
+        if tokenized.truncated:
+            _say(
+                d,
+                f"{tokenized.truncated} example(s) longer than {config.max_length} tokens were shortened "
+                "(oldest rounds first)",
+            )
+        return tokenized.input_ids, tokenized.labels
+
+    if d.world > 1 and not d.main:
+        dist.barrier()  # let rank 0 build the cache first
+    input_ids, labels = cached_tokenized(cache_dir, cache_key(config.data, settings), build)
+    if d.world > 1 and d.main:
+        dist.barrier()
+    examples = list(zip(input_ids, labels, strict=True))
+    order = list(range(len(examples)))
+    random.Random(config.seed).shuffle(order)
+    n_eval = int(len(examples) * config.eval_split)
+    eval_set = [examples[i] for i in sorted(order[:n_eval])]
+    train_set = [examples[i] for i in sorted(order[n_eval:])]
+    return train_set, eval_set
+
+
+def answer_tokens(labels: list[int]) -> int:
+    return sum(1 for y in labels[1:] if y != IGNORE_INDEX)
+
+
+class Trainer:
+    def __init__(self, config: TrainConfig):
+        self.config = config
+        self.d = setup_distributed(config)
+        self.out = Path(config.output)
+        if self.d.main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "train_config.yaml").write_text(yaml.safe_dump(to_dict(config), allow_unicode=True))
+        import chatglm_sft
+
+        self.family = detect_family(config.model, config.family)
+        self.arch = architecture_of(self.family)
+        self.tokenizer = chatglm_sft.load_tokenizer(config.model, family=self.family.name)
+        self.train_set, self.eval_set = load_data(config, self.tokenizer, self.family, self.out, self.d)
+        self.autocast = resolve_precision(config.precision, self.d.device)
+        base_dtype = config.dtype if config.method == "lora" else "float32"
+        model = chatglm_sft.load_model(
+            config.model, dtype=base_dtype or "float32", device=self.d.device, family=self.family.name
+        )
+        if config.gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+            model.enable_input_require_grads()
+        torch.manual_seed(config.seed)
+        self.model = prepare_model(model, config, self.family)
+        self.model.train()
+        self.params = [p for _, p in trainable_parameters(self.model)]
+        self.optimizer = torch.optim.AdamW(self.params, lr=config.learning_rate, weight_decay=config.weight_decay)
+        per_step = config.batch_size * config.gradient_accumulation_steps * self.d.world
+        self.steps_per_epoch = max(1, math.ceil(len(self.train_set) / per_step))
+        self.total_steps = config.max_steps or max(1, math.ceil(config.num_epochs * self.steps_per_epoch))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: lr_factor(s, config, self.total_steps)
+        )
+        self.ddp = self.model
+        if self.d.world > 1:
+            self.ddp = torch.nn.parallel.DistributedDataParallel(self.model)
+        self.scaler = torch.amp.GradScaler(enabled=self.autocast == torch.float16 and self.d.device.type == "cuda")
+        self.state = checkpoints.TrainState()
+        self._orders: dict[int, list[int]] = {}
+
+    # --- data of a step ------------------------------------------------------------------------------------------
+
+    def _order(self, epoch: int) -> list[int]:
+        if epoch not in self._orders:
+            lengths = [len(x) for x, _ in self.train_set]
+            self._orders = {
+                epoch: epoch_order(
+                    lengths, self.config.batch_size, self.config.seed, epoch, self.config.group_by_length
+                )
+            }
+        return self._orders[epoch]
+
+    def step_examples(self, step: int) -> tuple[list[list[tuple]], int]:
+        """This process's micro-batches for `step`, and the answer-token count of the whole step (all ranks)."""
+        c, d = self.config, self.d
+        epoch, within = divmod(step, self.steps_per_epoch)
+        per_step = c.batch_size * c.gradient_accumulation_steps * d.world
+        indices = self._order(epoch)[within * per_step : (within + 1) * per_step]
+        tokens = sum(answer_tokens(self.train_set[i][1]) for i in indices)
+        per_micro = c.batch_size * d.world
+        micro = []
+        for m in range(c.gradient_accumulation_steps):
+            shard = indices[m * per_micro : (m + 1) * per_micro][d.rank * c.batch_size : (d.rank + 1) * c.batch_size]
+            if shard:
+                micro.append([self.train_set[i] for i in shard])
+        return micro, tokens
+
+    def tensors(self, examples) -> dict[str, torch.Tensor]:
+        if self.config.packing:
+            batch = pack_batch(
+                examples,
+                self.arch,
+                self.model.config,
+                self.family.pad_id,
+                max(self.config.max_length, max(len(x) for x, _ in examples)),
+            )
+        else:
+            batch = pad_batch(examples, self.family.pad_id)
+        return {k: v.to(self.d.device) for k, v in batch.items()}
+
+    def loss_sum(self, model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        labels = batch.pop("labels")
+        with torch.autocast(
+            self.d.device.type, dtype=self.autocast or torch.float32, enabled=self.autocast is not None
+        ):
+            logits = model(**batch, use_cache=False).logits
+        return F.cross_entropy(
+            logits[:, :-1].float().flatten(0, 1), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+        )
+
+    # --- the loop -------------------------------------------------------------------------------------------------
+
+    def train_step(self, step: int) -> tuple[float, int]:
+        micro, tokens = self.step_examples(step)
+        scale = self.d.world / max(1, tokens)
+        local_sum = 0.0
+        for k, examples in enumerate(micro):
+            batch = self.tensors(examples)
+            sync = k == len(micro) - 1 or self.d.world == 1
+            context = self.ddp.no_sync() if not sync and self.d.world > 1 else nullcontext()
+            with context:
+                loss = self.loss_sum(self.ddp, batch)
+                self.scaler.scale(loss * scale).backward()
+            local_sum += loss.item()
+        if self.d.world > 1 and len(micro) == 0:
+            raise UserError("a process got no examples for a step; use fewer processes or a larger dataset")
+        (total_sum,) = self.d.all_sum([local_sum])
+        return total_sum / max(1, tokens), tokens
+
+    def optimizer_step(self, loss: float) -> bool:
+        """Apply the step, or skip it when the loss is not finite; returns whether it was applied."""
+        if not math.isfinite(loss):
+            self.optimizer.zero_grad(set_to_none=True)
+            self.state.bad_steps += 1
+            if self.state.bad_steps > self.config.max_bad_steps:
+                raise UserError(
+                    f"loss was NaN/Inf in {self.state.bad_steps} steps (more than --max-bad-steps "
+                    f"{self.config.max_bad_steps}); lower the learning rate or use --precision fp32"
+                )
+            return False
+        self.scaler.unscale_(self.optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm or float("inf"))
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.last_grad_norm = float(grad_norm)
+        return True
+
+    @torch.no_grad()
+    def evaluate(self) -> float | None:
+        if not self.eval_set:
+            return None
+        self.model.eval()
+        total, tokens = 0.0, 0
+        shard = self.eval_set[self.d.rank :: self.d.world]
+        for k in range(0, len(shard), self.config.batch_size):
+            chunk = shard[k : k + self.config.batch_size]
+            total += self.loss_sum(self.model, self.tensors(chunk)).item()
+            tokens += sum(answer_tokens(y) for _, y in chunk)
+        self.model.train()
+        total, tokens = self.d.all_sum([total, float(tokens)])
+        return total / max(1.0, tokens)
+
+    def run(self) -> Path:
+        c = self.config
+        start = checkpoints.resume(self) if c.resume else 0
+        log = checkpoints.Log(self.out, self.d.main, self.state)
+        bar = tqdm(total=self.total_steps, initial=start, desc="train", unit="step", disable=not self.d.main)
+        window_tokens, window_start = 0, time.perf_counter()
+        for step in range(start, self.total_steps):
+            loss, tokens = self.train_step(step)
+            learning_rate = self.scheduler.get_last_lr()[0]
+            applied = self.optimizer_step(loss)
+            self.scheduler.step()
+            window_tokens += tokens
+            self.state.step = step + 1
+            if applied and (self.state.step % c.logging_steps == 0 or self.state.step == self.total_steps):
+                elapsed = time.perf_counter() - window_start
+                entry = {
+                    "step": self.state.step,
+                    "loss": loss,
+                    "learning_rate": learning_rate,
+                    "grad_norm": self.last_grad_norm,
+                    "tokens_per_second": window_tokens / max(elapsed, 1e-9),
+                    "epoch": step / self.steps_per_epoch,
+                }
+                log.write(entry)
+                bar.set_postfix(
+                    loss=f"{loss:.4f}", lr=f"{entry['learning_rate']:.2e}", tok_s=f"{entry['tokens_per_second']:.0f}"
+                )
+                window_tokens, window_start = 0, time.perf_counter()
+            if c.eval_steps and self.state.step % c.eval_steps == 0:
+                self._log_eval(log)
+            bar.update(1)
+            if c.save_steps and self.state.step % c.save_steps == 0 and self.state.step < self.total_steps:
+                checkpoints.save(self)
+        bar.close()
+        if self.eval_set and not (c.eval_steps and self.state.step % c.eval_steps == 0):
+            self._log_eval(log)
+        if self.d.main:
+            save_result(self.model, self.out, c, c.model, self.family)
+            log.plot()
+        log.close()
+        _say(self.d, f"done: {self.state.step} steps, {self.state.bad_steps} skipped (NaN/Inf); result in {self.out}")
+        return self.out
+
+    def _log_eval(self, log) -> None:
+        eval_loss = self.evaluate()
+        if eval_loss is not None:
+            log.write({"step": self.state.step, "eval_loss": eval_loss})
+
+
+def train(config: TrainConfig) -> Path:
+    trainer = Trainer(config)
+    try:
+        return trainer.run()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
