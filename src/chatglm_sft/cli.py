@@ -166,6 +166,32 @@ def _cmd_data_check(args: argparse.Namespace) -> int:
     return 1 if report.bad else 0
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from chatglm_sft.serve.app import create_app
+
+    engine = _load_engine(args)
+    app = create_app(
+        engine,
+        model_name=args.model_name,
+        api_key=args.api_key,
+        max_batch_size=args.max_batch_size,
+        max_queue=args.max_queue,
+    )
+    print(f"serving {args.model} as {args.model_name!r} on http://{args.host}:{args.port}", flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    return 0
+
+
+def _cmd_webui(args: argparse.Namespace) -> int:
+    from chatglm_sft.serve.webui import build_ui
+
+    ui = build_ui(_load_engine(args), title=args.model_name)
+    ui.queue().launch(server_name=args.host, server_port=args.port, share=False)
+    return 0
+
+
 def _add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--adapter", default=None, help="PEFT adapter folder (ours, or LoRA in THUDM's layout)")
     p.add_argument(
@@ -179,6 +205,17 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repetition-penalty", type=float, default=1.0)
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--seed", type=int, default=None)
+
+
+def _add_server_args(p: argparse.ArgumentParser, port: int) -> None:
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
+    p.add_argument("--port", type=int, default=port)
+    p.add_argument("--model-name", default="chatglm-sft", help="the model id clients use")
+    p.add_argument("--adapter", default=None, help="PEFT adapter folder (ours, or LoRA in THUDM's layout)")
+    p.add_argument(
+        "--dtype", default=None, help="float32, bfloat16 or float16 (default: float32 on the CPU, as stored on a GPU)"
+    )
+    p.add_argument("--device", default=None, help="cpu (default), cuda, cuda:1, ...")
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -261,6 +298,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--family", default=None)
     p.add_argument("--max-length", type=int, default=1024, help="count examples longer than this")
     p.set_defaults(func=_cmd_data_check)
+
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP API with batching and streaming")
+    _add_model_args(p)
+    _add_server_args(p, port=8000)
+    p.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY`")
+    p.add_argument("--max-batch-size", type=int, default=8, help="requests decoded together")
+    p.add_argument("--max-queue", type=int, default=64, help="requests waiting or running; more get 429")
+    p.set_defaults(func=_cmd_serve)
+
+    p = sub.add_parser("webui", help="a gradio chat page")
+    _add_model_args(p)
+    _add_server_args(p, port=7860)
+    p.set_defaults(func=_cmd_webui)
 
     p = sub.add_parser("info", help="show the detected family of a model folder")
     _add_model_args(p)

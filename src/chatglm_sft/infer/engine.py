@@ -64,7 +64,7 @@ class Engine:
 
     @torch.inference_mode()
     def decode_steps(
-        self, prompts: list[list[int]], params: SamplingParams, reuse: PrefixCache | None = None
+        self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams], reuse: PrefixCache | None = None
     ) -> Iterator[torch.Tensor]:
         """Yield the next token of every row ([B]) step by step; the caller decides when to stop.
 
@@ -83,10 +83,9 @@ class Engine:
             if cache.get_seq_length() > keep:
                 cache.crop(keep - cache.get_seq_length())
             inputs, positions = ids[:, keep:], positions[..., keep:]
-        generator = None
-        if params.seed is not None:
-            generator = torch.Generator(device=self.device).manual_seed(params.seed)
-        for _ in range(params.max_new_tokens):
+        rows = params if isinstance(params, list) else [params] * len(prompts)
+        pick = _row_sampler(rows, self.device)
+        for _ in range(max(p.max_new_tokens for p in rows)):
             out = self.model(
                 input_ids=inputs,
                 attention_mask=mask,
@@ -97,7 +96,7 @@ class Engine:
             )
             if reuse is not None:
                 reuse.cache, reuse.ids = cache, list(fed)
-            token = next_tokens(out.logits[:, -1], params, seen, generator)
+            token = pick(out.logits[:, -1], seen)
             yield token
             inputs = token[:, None]
             fed.append(int(token[0]))
@@ -105,76 +104,117 @@ class Engine:
             mask = torch.cat([mask, torch.ones_like(inputs)], dim=1)
             positions = self.arch.next_positions(positions[..., -1:])
 
-    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Generation]:
+    def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]) -> list[Generation]:
         """Generate for a batch of prompts; greedy rows equal their single-prompt results."""
-        outputs: list[list[int]] = [[] for _ in prompts]
-        done = [False] * len(prompts)
-        reasons = ["length"] * len(prompts)
-        for step in self.decode_steps(prompts, params):
+        rows = params if isinstance(params, list) else [params] * len(prompts)
+        texts = [TextStream(self.tokenizer, p.stop) for p in rows]
+        reasons: list[str | None] = [None] * len(prompts)
+        for n, step in enumerate(self.decode_steps(prompts, rows), start=1):
             for row, token in enumerate(step.tolist()):
-                if done[row]:
-                    continue
-                if token in self.stop_ids:
-                    done[row], reasons[row] = True, "stop"
-                    continue
-                outputs[row].append(token)
-                if params.stop and self._stop_index(self._text(outputs[row]), params.stop) is not None:
-                    done[row], reasons[row] = True, "stop"
-            if all(done):
+                if reasons[row] is None:
+                    reasons[row] = self.advance(texts[row], token, n, rows[row])
+            if all(reasons):
                 break
-        results = []
-        for row, ids in enumerate(outputs):
-            text = self._text(ids)
-            cut = self._stop_index(text, params.stop)
-            results.append(Generation(ids, text if cut is None else text[:cut], reasons[row], len(prompts[row])))
-        return results
+        return [
+            Generation(t.ids, t.text(), r or "length", len(p)) for t, r, p in zip(texts, reasons, prompts, strict=True)
+        ]
+
+    def advance(self, text: TextStream, token: int, n: int, params: SamplingParams) -> str | None:
+        """Feed one token to a row; returns its finish reason once it is finished."""
+        if token in self.stop_ids:
+            return "stop"
+        text.push(token)
+        if text.stopped:
+            return "stop"
+        return "length" if n >= params.max_new_tokens else None
 
     def stream(self, prompt: list[int], params: SamplingParams, reuse: PrefixCache | None = None) -> Iterator[str]:
-        """Yield text deltas for one prompt. A delta never ends inside a multi-byte character, and text that
-        could be the start of a stop string is held back until it is not."""
-        ids: list[int] = []
-        sent = 0
-        for step in self.decode_steps([prompt], params, reuse):
+        """Yield text deltas for one prompt (see `TextStream`)."""
+        text = TextStream(self.tokenizer, params.stop)
+        for n, step in enumerate(self.decode_steps([prompt], params, reuse), start=1):
             token = int(step[0])
-            if token in self.stop_ids:
+            finished = self.advance(text, token, n, params)
+            delta = text.take()
+            if delta:
+                yield delta
+            if finished:
                 break
-            ids.append(token)
-            text = self._text(ids)
-            cut = self._stop_index(text, params.stop)
-            if cut is not None:
-                if cut > sent:
-                    yield text[sent:cut]
-                return
-            if text.endswith("\ufffd"):  # an unfinished UTF-8 sequence: wait for its other bytes
-                continue
-            ready = len(text) - self._held_back(text, params.stop)
-            if ready > sent:
-                yield text[sent:ready]
-                sent = ready
-        text = self._text(ids)
-        if len(text) > sent:
-            yield text[sent:]
+        delta = text.finish()
+        if delta:
+            yield delta
 
-    # --- helpers ----------------------------------------------------------------------------------------------------
 
-    def _text(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
+class TextStream:
+    """Incremental detokenisation of one row: deltas never end inside a multi-byte character, and text that could
+    be the start of a stop string is held back until it cannot."""
 
-    @staticmethod
-    def _stop_index(text: str, stops: tuple[str, ...]) -> int | None:
-        hits = [text.find(s) for s in stops if s and s in text]
-        return min(hits) if hits else None
+    def __init__(self, tokenizer, stops: tuple[str, ...] = ()):
+        self.tokenizer = tokenizer
+        self.stops = tuple(s for s in stops if s)
+        self.ids: list[int] = []
+        self.sent = 0
+        self.stopped = False
+        self._text = ""
 
-    @staticmethod
-    def _held_back(text: str, stops: tuple[str, ...]) -> int:
-        """Length of the longest tail of `text` that is a proper prefix of a stop string."""
-        longest = 0
-        for stop in stops:
-            for n in range(min(len(stop) - 1, len(text)), longest, -1):
-                if text.endswith(stop[:n]):
-                    longest = n
-                    break
-        return longest
+    def push(self, token: int) -> None:
+        self.ids.append(token)
+        self._text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if self.stops and _stop_index(self._text, self.stops) is not None:
+            self.stopped = True
+
+    def text(self) -> str:
+        cut = _stop_index(self._text, self.stops) if self.stops else None
+        return self._text if cut is None else self._text[:cut]
+
+    def take(self) -> str:
+        """The text that is safe to show now and was not shown yet."""
+        if self.stopped:
+            return self.finish()
+        if self._text.endswith("\ufffd"):  # an unfinished UTF-8 sequence: wait for its other bytes
+            return ""
+        ready = len(self._text) - _held_back(self._text, self.stops)
+        return self._release(ready)
+
+    def finish(self) -> str:
+        """Whatever is left, cut before a stop string."""
+        return self._release(len(self.text()))
+
+    def _release(self, upto: int) -> str:
+        if upto <= self.sent:
+            return ""
+        delta, self.sent = self._text[self.sent : upto], upto
+        return delta
+
+
+def _row_sampler(rows: list[SamplingParams], device):
+    """One function choosing every row's next token: batched when all rows sample alike, row by row otherwise."""
+    generators = [torch.Generator(device=device).manual_seed(p.seed) if p.seed is not None else None for p in rows]
+    same = all(p == rows[0] for p in rows)
+
+    def pick(logits: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
+        if same:
+            return next_tokens(logits, rows[0], seen, generators[0])
+        return torch.cat(
+            [next_tokens(logits[i : i + 1], p, seen[i : i + 1], generators[i]) for i, p in enumerate(rows)]
+        )
+
+    return pick
+
+
+def _stop_index(text: str, stops: tuple[str, ...]) -> int | None:
+    hits = [text.find(s) for s in stops if s in text]
+    return min(hits) if hits else None
+
+
+def _held_back(text: str, stops: tuple[str, ...]) -> int:
+    """Length of the longest tail of `text` that is a proper prefix of a stop string."""
+    longest = 0
+    for stop in stops:
+        for n in range(min(len(stop) - 1, len(text)), longest, -1):
+            if text.endswith(stop[:n]):
+                longest = n
+                break
+    return longest
 
 
 def _common_prefix(a: list[int] | None, b: list[int]) -> int:
