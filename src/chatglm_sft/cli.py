@@ -42,7 +42,12 @@ def _load_engine(args: argparse.Namespace):
     # padded batch reproduce each row's greedy output exactly.
     dtype = args.dtype or ("float32" if str(args.device or "cpu").startswith("cpu") else None)
     model = chatglm_sft.load_model(
-        args.model, dtype=dtype, device=args.device, family=args.family, adapter=args.adapter
+        args.model,
+        dtype=dtype,
+        device=args.device,
+        family=args.family,
+        adapter=args.adapter,
+        quantize=args.quantize,
     )
     return Engine(model, chatglm_sft.load_tokenizer(args.model, family=args.family))
 
@@ -198,6 +203,7 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
         "--dtype", default=None, help="float32, bfloat16 or float16 (default: float32 on the CPU, as stored on a GPU)"
     )
     p.add_argument("--device", default=None, help="cpu (default), cuda, cuda:1, ...")
+    p.add_argument("--quantize", default=None, choices=["int8", "int4"], help="weight-only quantization")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy")
     p.add_argument("--top-p", type=float, default=1.0)
@@ -216,6 +222,7 @@ def _add_server_args(p: argparse.ArgumentParser, port: int) -> None:
         "--dtype", default=None, help="float32, bfloat16 or float16 (default: float32 on the CPU, as stored on a GPU)"
     )
     p.add_argument("--device", default=None, help="cpu (default), cuda, cuda:1, ...")
+    p.add_argument("--quantize", default=None, choices=["int8", "int4"], help="weight-only quantization")
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:

@@ -77,7 +77,8 @@ class Engine:
         positions = self.arch.first_positions(self.model.config, ids, mask)
         seen = ids.masked_fill(mask == 0, -1)
         cache, inputs, fed = DynamicCache(), ids, list(prompts[0])
-        if reuse is not None and len(prompts) == 1 and self.arch.reuses_prefix_cache and reuse.cache is not None:
+        reusable = self.arch.reuses_prefix_cache and not getattr(self.model.config, "pre_seq_len", None)
+        if reuse is not None and len(prompts) == 1 and reusable and reuse.cache is not None:
             keep = min(_common_prefix(reuse.ids, prompts[0]), len(prompts[0]) - 1)
             cache = reuse.cache
             if cache.get_seq_length() > keep:

@@ -66,10 +66,50 @@ def _load_thudm_lora(model: PreTrainedModel, adapter_dir: Path, config: dict, fa
     return peft_model.eval()
 
 
+def _prefix_state(folder: Path) -> dict[str, torch.Tensor]:
+    for name in ("pytorch_model.bin", "model.safetensors"):
+        path = folder / name
+        if path.is_file():
+            try:
+                if path.suffix == ".bin":
+                    return torch.load(path, map_location="cpu", weights_only=True)
+                return load_file(str(path))
+            except Exception as e:  # damaged files raise many types
+                raise UserError(f"{path}: cannot read prefix weights ({type(e).__name__}: {e})") from None
+    raise UserError(f"{folder}: no pytorch_model.bin or model.safetensors with the prefix encoder")
+
+
+def load_prefix(model: PreTrainedModel, folder: Path, family: Family) -> PreTrainedModel:
+    """A P-Tuning v2 folder (THUDM's layout: base config.json plus `pre_seq_len`, prefix weights only)."""
+    config = json.loads((folder / "config.json").read_text())
+    state = _prefix_state(folder)
+    prefix = {}
+    for name, tensor in state.items():
+        if "prefix_encoder." not in name:
+            raise UserError(f"{folder}: unexpected tensor {name!r} in a P-Tuning checkpoint")
+        prefix[name.split("prefix_encoder.", 1)[1]] = tensor
+    arch = architecture_of(family)
+    model = arch.add_prefix(model, int(config["pre_seq_len"]), bool(config.get("prefix_projection")))
+    encoder = model.get_submodule(arch.prefix_module)
+    dtype = next(model.parameters()).dtype
+    try:
+        encoder.load_state_dict({k: v.to(dtype) for k, v in prefix.items()})
+    except RuntimeError as e:
+        raise UserError(f"{folder}: prefix encoder does not fit this base model ({e})") from None
+    return model.eval()
+
+
 def load_adapter(model: PreTrainedModel, adapter_dir: str | Path, family: Family):
-    """Wrap `model` in a `peft.PeftModel` with the adapter in `adapter_dir`."""
+    """Wrap `model` in a `peft.PeftModel` with the adapter in `adapter_dir`, or add a P-Tuning prefix."""
     adapter_dir = Path(adapter_dir)
     config_path = adapter_dir / "adapter_config.json"
+    prefix_config = adapter_dir / "config.json"
+    if (
+        not config_path.is_file()
+        and prefix_config.is_file()
+        and json.loads(prefix_config.read_text()).get("pre_seq_len")
+    ):
+        return load_prefix(model, adapter_dir, family)
     if not config_path.is_file():
         raise UserError(f"{adapter_dir}: not a PEFT adapter folder (no adapter_config.json)")
     config = json.loads(config_path.read_text())

@@ -22,6 +22,7 @@ from chatglm_sft.models.chatglm_v1 import (
     prefix_lm_mask,
     rotary_inv_freq,
 )
+from chatglm_sft.models.prefix import GlmPrefixForCausalLM
 
 TensorPairs = list[tuple[str, torch.Tensor]]
 
@@ -54,6 +55,10 @@ class Architecture:
     """[L, L] boolean mask (True: may attend) of one example [1, L], for packing several into a row."""
     mask_for_model: Callable[[torch.Tensor], torch.Tensor] | None = None
     """A [B, 1, L, L] boolean mask (True: may attend) in the form the model takes as a 4-D attention mask."""
+    add_prefix: Callable[[PreTrainedModel, int, bool], PreTrainedModel] | None = None
+    """Give a loaded model a fresh P-Tuning v2 prefix encoder (pre_seq_len, prefix_projection)."""
+    prefix_module: str = "prefix_encoder"
+    """Where the prefix encoder lives (THUDM's checkpoints name it `transformer.prefix_encoder`)."""
     lora_from_thudm: Callable[[dict[str, torch.Tensor], PretrainedConfig], dict[str, torch.Tensor]] | None = None
     """Converts a LoRA adapter saved on THUDM's module names, when ours differ (None: the names are THUDM's)."""
     thudm_lora_targets: dict[str, tuple[str, ...]] | None = None
@@ -117,6 +122,11 @@ def _v1_state_to_thudm(state: dict[str, torch.Tensor], config) -> dict[str, torc
     return out
 
 
+def _v1_add_prefix(model: ChatGLMv1ForCausalLM, pre_seq_len: int, projection: bool) -> ChatGLMv1ForCausalLM:
+    model.transformer.enable_prefix(pre_seq_len, projection)
+    return model
+
+
 ARCHITECTURES: dict[str, Architecture] = {
     "glm": Architecture(
         model_class=GlmForCausalLM,
@@ -131,6 +141,8 @@ ARCHITECTURES: dict[str, Architecture] = {
         reuses_prefix_cache=True,
         example_attention=lambda config, ids: torch.ones(ids.shape[1], ids.shape[1], dtype=torch.bool).tril(),
         mask_for_model=lambda allowed: allowed,
+        add_prefix=GlmPrefixForCausalLM.from_base,
+        prefix_module="prefix_encoder",
         lora_from_thudm=convert_glm.lora_state_from_thudm,
         thudm_lora_targets=convert_glm.THUDM_LORA_TARGETS,
     ),
@@ -147,6 +159,8 @@ ARCHITECTURES: dict[str, Architecture] = {
         reuses_prefix_cache=False,
         example_attention=lambda config, ids: prefix_lm_mask(ids, config, None, 0)[0, 0],
         mask_for_model=lambda allowed: ~allowed,  # ChatGLM-6B takes THUDM's convention: True = masked
+        add_prefix=_v1_add_prefix,
+        prefix_module="transformer.prefix_encoder",
     ),
 }
 

@@ -27,6 +27,8 @@ from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from chatglm_sft.models.prefix import PrefixEncoder, prefixed_cache
+
 
 class ChatGLMv1Config(PretrainedConfig):
     """THUDM's `ChatGLMConfig` for ChatGLM-6B, under its own model type so it never shadows remote code."""
@@ -49,6 +51,8 @@ class ChatGLMv1Config(PretrainedConfig):
         mask_token_id: int = 130000,
         gmask_token_id: int = 130001,
         deepnorm_layers: int = 28,
+        pre_seq_len: int | None = None,
+        prefix_projection: bool = False,
         use_cache: bool = True,
         **kwargs,
     ):
@@ -62,6 +66,8 @@ class ChatGLMv1Config(PretrainedConfig):
         self.mask_token_id = mask_token_id
         self.gmask_token_id = gmask_token_id
         self.deepnorm_layers = deepnorm_layers
+        self.pre_seq_len = pre_seq_len
+        self.prefix_projection = prefix_projection
         self.use_cache = use_cache
         super().__init__(bos_token_id=bos_token_id, eos_token_id=eos_token_id, pad_token_id=pad_token_id, **kwargs)
 
@@ -250,8 +256,27 @@ class ChatGLMv1Model(ChatGLMv1PreTrainedModel):
         self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList([GLMBlock(config, i) for i in range(config.num_layers)])
         self.final_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layernorm_epsilon)
+        self.prefix_encoder = self._prefix_encoder(config) if config.pre_seq_len else None
         self.gradient_checkpointing = False
         self.post_init()
+
+    @staticmethod
+    def _prefix_encoder(config: ChatGLMv1Config) -> PrefixEncoder:
+        heads = config.num_attention_heads
+        return PrefixEncoder(
+            config.pre_seq_len,
+            config.num_layers,
+            heads,
+            config.hidden_size // heads,
+            config.hidden_size,
+            config.prefix_projection,
+            projection_input=config.hidden_size,
+        )
+
+    def enable_prefix(self, pre_seq_len: int, projection: bool) -> None:
+        """Add a fresh P-Tuning v2 prefix encoder (THUDM's `transformer.prefix_encoder`)."""
+        self.config.pre_seq_len, self.config.prefix_projection = pre_seq_len, projection
+        self.prefix_encoder = self._prefix_encoder(self.config).to(self.word_embeddings.weight.device)
 
     def get_input_embeddings(self):
         return self.word_embeddings
@@ -260,7 +285,11 @@ class ChatGLMv1Model(ChatGLMv1PreTrainedModel):
         self.word_embeddings = value
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, cache=None, use_cache=False):
-        past_length = cache.get_seq_length() if cache is not None else 0
+        prefix = 0
+        if self.prefix_encoder is not None:  # P-Tuning v2: the prefix's keys and values head the cache
+            cache = prefixed_cache(self.prefix_encoder, cache, input_ids.shape[0], self.word_embeddings.weight.dtype)
+            prefix = self.prefix_encoder.pre_seq_len
+        past_length = cache.get_seq_length() - prefix if cache is not None else 0
         full_mask = attention_mask is not None and attention_mask.dim() == 4
         padding_mask = None if full_mask else attention_mask
         if position_ids is None:
@@ -271,6 +300,9 @@ class ChatGLMv1Model(ChatGLMv1PreTrainedModel):
             attn_mask = ~attention_mask.bool()  # THUDM's 4-D convention: True = masked
         else:
             attn_mask = prefix_lm_mask(input_ids, self.config, padding_mask, past_length)
+        if prefix:  # every token sees the whole prefix
+            head = torch.ones(*attn_mask.shape[:-1], prefix, dtype=torch.bool, device=attn_mask.device)
+            attn_mask = torch.cat([head, attn_mask.expand(input_ids.shape[0], -1, -1, -1)], dim=-1)
         inv_freq = rotary_inv_freq(self.config.hidden_size // self.config.num_attention_heads, input_ids.device)
         hidden_states = self.word_embeddings(input_ids)
         for layer in self.layers:

@@ -85,6 +85,7 @@ def load_model(
     device: str | torch.device | None = None,
     family: str | None = None,
     adapter: str | Path | None = None,
+    quantize: str | None = None,
 ) -> PreTrainedModel:
     """Load a ChatGLM-family checkpoint folder without remote code.
 
@@ -94,6 +95,7 @@ def load_model(
         device: where the weights go (default CPU).
         family: override the family detection (``chatglm-6b``, ``chatglm2-6b``, ``chatglm3-6b``, ``glm-4``).
         adapter: a PEFT adapter folder to load on top (see `chatglm_sft.models.adapters`).
+        quantize: ``int8`` or ``int4`` weight-only quantization for inference (an adapter is merged first).
     """
     model_dir = Path(path)
     fam: Family = detect_family(model_dir, family)
@@ -113,4 +115,10 @@ def load_model(
         from chatglm_sft.models.adapters import load_adapter
 
         model = load_adapter(model, adapter, fam)
+    if quantize is not None:
+        from chatglm_sft.models.quantize import quantize_model
+
+        if adapter is not None:
+            model = model.merge_and_unload()
+        model = quantize_model(model, quantize)
     return model

@@ -9,8 +9,12 @@ from chatglm_sft.infer.chat import clean_response
 from chatglm_sft.infer.engine import Engine
 from chatglm_sft.infer.sampling import SamplingParams
 
-LATEX = [{"left": "$$", "right": "$$", "display": True}, {"left": "$", "right": "$", "display": False},
-         {"left": "\\(", "right": "\\)", "display": False}, {"left": "\\[", "right": "\\]", "display": True}]
+LATEX = [
+    {"left": "$$", "right": "$$", "display": True},
+    {"left": "$", "right": "$", "display": False},
+    {"left": "\\(", "right": "\\)", "display": False},
+    {"left": "\\[", "right": "\\]", "display": True},
+]
 
 
 def history_messages(history: list) -> list[dict]:
@@ -32,8 +36,7 @@ def make_reply(engine: Engine):
         messages = ([{"role": "system", "content": system}] if system else []) + history_messages(history)
         messages.append({"role": "user", "content": message})
         prompt = encode_conversation(engine.tokenizer, messages, add_generation_prompt=True).input_ids
-        params = SamplingParams(max_new_tokens=int(max_new_tokens), temperature=float(temperature),
-                                top_p=float(top_p))
+        params = SamplingParams(max_new_tokens=int(max_new_tokens), temperature=float(temperature), top_p=float(top_p))
         raw = ""
         with lock:
             for delta in engine.stream(prompt, params):
@@ -54,5 +57,6 @@ def build_ui(engine: Engine, title: str = "chatglm-sft"):
         gr.Slider(0.0, 2.0, value=0.0, step=0.05, label="Temperature (0 = greedy)"),
         gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="Top-p"),
     ]
-    return gr.ChatInterface(make_reply(engine), chatbot=chatbot, additional_inputs=settings, title=title,
-                            api_name="chat")
+    return gr.ChatInterface(
+        make_reply(engine), chatbot=chatbot, additional_inputs=settings, title=title, api_name="chat"
+    )

@@ -47,7 +47,7 @@ class TrainConfig:
     eval_steps: int = 0
     """Evaluate every N optimizer steps (0: only at the end when there is a held-out split)."""
     method: str = "lora"
-    """lora, full or freeze."""
+    """lora, full, freeze, ptuning (P-Tuning v2) or qlora (4-bit NF4 base + LoRA; needs CUDA and bitsandbytes)."""
     lora_r: int = 8
     """LoRA rank."""
     lora_alpha: int = 16
@@ -58,6 +58,10 @@ class TrainConfig:
     """Module names to adapt (default: the family's registry entry)."""
     freeze_trainable_layers: int = 2
     """With method freeze: how many of the last layers train."""
+    pre_seq_len: int = 128
+    """With method ptuning: virtual tokens of the P-Tuning v2 prefix."""
+    prefix_projection: bool = False
+    """With method ptuning: pass the prefix through THUDM's Linear-Tanh-Linear projection."""
     max_steps: int = 0
     """Optimizer steps (0: derive from num_epochs)."""
     num_epochs: float = 1.0

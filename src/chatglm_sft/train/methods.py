@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -11,14 +12,65 @@ from safetensors.torch import load_file
 
 from chatglm_sft.errors import UserError
 from chatglm_sft.families import Family
+from chatglm_sft.models.architectures import architecture_of
 from chatglm_sft.train.config import TrainConfig
+
+
+def check_qlora_support(device: torch.device) -> None:
+    """QLoRA needs a CUDA GPU and bitsandbytes; say so before anything is loaded."""
+    missing = []
+    if device.type != "cuda" or not torch.cuda.is_available():
+        missing.append("a CUDA GPU (this run is on the CPU)")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        missing.append("bitsandbytes (pip install bitsandbytes)")
+    if missing:
+        raise UserError(
+            "--method qlora loads the base model in 4-bit NF4 with bitsandbytes and needs "
+            + " and ".join(missing)
+            + "; use --method lora on this machine"
+        )
+
+
+def quantize_nf4(model):
+    """Replace the decoder's linear layers (not the output layer) with bitsandbytes 4-bit NF4 layers."""
+    import bitsandbytes as bnb
+    from peft import prepare_model_for_kbit_training
+
+    output = model.get_output_embeddings()
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, torch.nn.Linear) and child is not output:
+                layer = bnb.nn.Linear4bit(
+                    child.in_features,
+                    child.out_features,
+                    bias=child.bias is not None,
+                    compute_dtype=torch.bfloat16,
+                    quant_type="nf4",
+                )
+                layer.weight = bnb.nn.Params4bit(child.weight.data.cpu(), requires_grad=False, quant_type="nf4")
+                if child.bias is not None:
+                    layer.bias = torch.nn.Parameter(child.bias.data, requires_grad=False)
+                setattr(parent, name, layer.to(child.weight.device))
+    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
 
 
 def prepare_model(model, config: TrainConfig, family: Family):
     """Make only the method's parameters trainable; LoRA wraps the model in PEFT."""
-    if config.method in ("ptuning", "qlora"):
-        raise UserError(f"--method {config.method} is not available yet; use lora, full or freeze")
-    if config.method == "lora":
+    if config.method == "ptuning":
+        if config.pre_seq_len <= 0:
+            raise UserError("--pre-seq-len must be positive")
+        for p in model.parameters():
+            p.requires_grad_(False)
+        arch = architecture_of(family)
+        model = arch.add_prefix(model, config.pre_seq_len, config.prefix_projection)
+        encoder = model.get_submodule(arch.prefix_module)
+        encoder.float()  # the prefix trains in float32 even over a half-precision base
+        for p in encoder.parameters():
+            p.requires_grad_(True)
+        return model
+    if config.method == "qlora":
+        model = quantize_nf4(model)
+    if config.method in ("lora", "qlora"):
         targets = config.lora_targets or list(family.lora_targets)
         names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
         unknown = [t for t in targets if t not in names]
@@ -57,9 +109,12 @@ def trainable_parameters(model) -> list[tuple[str, torch.nn.Parameter]]:
 
 def save_result(model, output: Path, config: TrainConfig, source_model_dir: str, family: Family) -> None:
     """Write the adapter (LoRA) or the model (full, freeze) to `output`, then check it reads back."""
-    if config.method == "lora":
+    if config.method in ("lora", "qlora"):
         model.save_pretrained(output)
         check_adapter(model, output)
+        return
+    if config.method == "ptuning":
+        save_prefix(model, output, source_model_dir, family)
         return
     from chatglm_sft.tokenization.export import export_hf_tokenizer
 
@@ -79,3 +134,24 @@ def check_adapter(model, folder: Path) -> None:
             raise UserError(f"{folder}: saved adapter tensor {name} differs from the trained one")
     if not json.loads((folder / "adapter_config.json").read_text()).get("target_modules"):
         raise UserError(f"{folder}: adapter_config.json names no target modules")
+
+
+def save_prefix(model, output: Path, source_model_dir: str, family: Family) -> None:
+    """P-Tuning v2 output in THUDM's layout: the base `config.json` plus `pre_seq_len`/`prefix_projection`, and a
+    `pytorch_model.bin` holding only `transformer.prefix_encoder.*` (what THUDM's demos load)."""
+    arch = architecture_of(family)
+    encoder = model.get_submodule(arch.prefix_module)
+    state = {f"transformer.prefix_encoder.{k}": v.detach().cpu().contiguous() for k, v in encoder.state_dict().items()}
+    torch.save(state, output / "pytorch_model.bin")
+    config = json.loads((Path(source_model_dir) / "config.json").read_text())
+    config.update(
+        {
+            "pre_seq_len": model.config.pre_seq_len,
+            "prefix_projection": model.config.prefix_projection,
+            "chatglm_sft_family": family.name,
+        }
+    )
+    (output / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    reread = torch.load(output / "pytorch_model.bin", weights_only=True)
+    if set(reread) != set(state) or not all(torch.equal(reread[k], state[k]) for k in state):
+        raise UserError(f"{output}: the saved prefix encoder does not read back as trained")
