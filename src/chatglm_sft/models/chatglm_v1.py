@@ -26,6 +26,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, Pret
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.modeling_utils import slice_logits_to_keep
 
 from chatglm_sft.models.prefix import PrefixEncoder, prefixed_cache
 
@@ -339,7 +340,7 @@ class ChatGLMv1ForCausalLM(ChatGLMv1PreTrainedModel, GenerationMixin):
         past_key_values: Cache | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
-        logits_to_keep: int = 0,
+        logits_to_keep: int | torch.Tensor = 0,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         cache = cache if cache is not None else past_key_values
@@ -348,8 +349,8 @@ class ChatGLMv1ForCausalLM(ChatGLMv1PreTrainedModel, GenerationMixin):
         if use_cache and cache is None:
             cache = DynamicCache()
         hidden_states = self.transformer(input_ids, attention_mask, position_ids, cache, use_cache)
-        if logits_to_keep:
-            hidden_states = hidden_states[:, -logits_to_keep:]
+        if not isinstance(logits_to_keep, int) or logits_to_keep:  # an int keeps the last n; see transformers
+            hidden_states = slice_logits_to_keep(hidden_states, logits_to_keep)
         logits = self.lm_head(hidden_states)
         loss = None
         if labels is not None:
