@@ -197,6 +197,13 @@ def _cmd_webui(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from chatglm_sft.demo.run import run_demo
+
+    run_demo(args.output, seed=args.seed)
+    return 0
+
+
 def _add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--adapter", default=None, help="PEFT adapter folder (ours, or LoRA in THUDM's layout)")
     p.add_argument(
@@ -240,6 +247,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"chatglm-sft {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser(
+        "demo",
+        help="the whole pipeline in a few minutes on a CPU: tokenizer, model, training, "
+        "LoRA, evaluation, predictions (no downloads)",
+    )
+    p.add_argument("--output", default="chatglm-sft-demo", help="folder for everything (default ./chatglm-sft-demo)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser("export", help="write a model as an HF-native folder (default) or in THUDM's layout")
     _add_model_args(p)

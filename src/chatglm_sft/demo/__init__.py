@@ -1,0 +1,1 @@
+"""`chatglm-sft demo`: the whole pipeline on a model and tokenizer the project makes itself."""
