@@ -1,0 +1,261 @@
+"""Training throughput: chatglm-sft's `train` against the usual transformers Trainer + PEFT setup, in one run.
+
+Both train LoRA on the same ChatGLM2-architecture model (random weights, real 65,024 vocabulary), on the same
+examples (alpaca_zh_demo.json through the real ChatGLM2 tokenizer and chatglm-sft's conversation encoder, cutoff
+1024), with the same precision, batch size and number of steps. The baseline is what LLaMA-Factory does by default:
+`transformers.Trainer`, `GlmForCausalLM` with PEFT LoRA, `DataCollatorForSeq2Seq` dynamic padding, random order, no
+packing, the model's own loss over the full vocabulary at every position. Each side runs in its own process (for its
+peak RSS). Prints real (non-pad) tokens/s, peak RSS, achieved FLOP/s against the machine's measured matmul peak, and
+a last line `ratio <ours/baseline tokens per second>`.
+
+    python benchmarks/train_throughput.py [--quick] [--steps 20] [--batch-size 8] [--precision fp32|bf16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+SHAPE = {"hidden": 512, "layers": 4, "heads": 8, "head_dim": 64, "groups": 2, "ffn": 1376}
+
+
+def build_checkpoint(folder: Path) -> Path:
+    """The benchmark model in THUDM's layout, with the ChatGLM2 tokenizer beside it."""
+    import shutil
+
+    import torch
+    from transformers import GlmConfig, GlmForCausalLM
+
+    from chatglm_sft.families import get_family
+    from chatglm_sft.models.checkpoint import save_sharded
+    from chatglm_sft.models.convert_glm import hf_to_thudm, thudm_config_from_hf
+
+    family = get_family("chatglm2-6b")
+    config = GlmConfig(
+        vocab_size=65024,
+        hidden_size=SHAPE["hidden"],
+        intermediate_size=SHAPE["ffn"],
+        num_hidden_layers=SHAPE["layers"],
+        num_attention_heads=SHAPE["heads"],
+        num_key_value_heads=SHAPE["groups"],
+        head_dim=SHAPE["head_dim"],
+        max_position_embeddings=2048,
+        attention_bias=True,
+        pad_token_id=0,
+        eos_token_id=family.stop_ids,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5},
+    )
+    torch.manual_seed(0)
+    model = GlmForCausalLM(config)
+    config.dtype = torch.float32
+    save_sharded(hf_to_thudm(model.state_dict(), config), folder)
+    (folder / "config.json").write_text(json.dumps(thudm_config_from_hf(config, family)))
+    for name in ("tokenizer.model", "tokenizer_config.json"):
+        shutil.copyfile(SHARED / "reference/models/chatglm2-6b" / name, folder / name)
+    return folder
+
+
+def examples(model_dir: Path, max_length: int = 1024) -> list[tuple[list[int], list[int]]]:
+    import chatglm_sft
+    from chatglm_sft.data.dataset import check_records, tokenize_records
+
+    tokenizer = chatglm_sft.load_tokenizer(model_dir)
+    report = check_records(SHARED / "data/alpaca/alpaca_zh_demo.json", family=tokenizer.family)
+    tokenized = tokenize_records(tokenizer, [m for _, m in report.good], max_length)
+    return list(zip(tokenized.input_ids, tokenized.labels, strict=True))
+
+
+def peak_rss() -> int:
+    return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmHWM"))
+
+
+def run_ours(model_dir: Path, args) -> dict:
+    """chatglm-sft's own loop: length-grouped batches (little padding) and logits only where answer tokens follow.
+    Packing is off: measured here, SDPA with packing's block-diagonal mask ran slower (725 tokens/s) than grouped
+    batches with their small padding (871 tokens/s)."""
+    from chatglm_sft.train.config import load_config
+    from chatglm_sft.train.loop import Trainer
+
+    data = model_dir / "alpaca.json"
+    with tempfile.TemporaryDirectory() as out:
+        config = load_config(
+            None,
+            {
+                "model": str(model_dir),
+                "data": str(data),
+                "output": out,
+                "method": "lora",
+                "max_length": 1024,
+                "batch_size": args.batch_size,
+                "max_steps": args.steps + 1,
+                "learning_rate": 1e-4,
+                "precision": args.precision,
+                "packing": "false",
+                "logging_steps": 1000,
+                "seed": 0,
+            },
+        )
+        trainer = Trainer(config)
+        trainer.train_step(0)  # warm-up step, not timed
+        trainer.optimizer_step(0.0)
+        tokens, answers, start = 0, 0, time.perf_counter()
+        for step in range(1, args.steps + 1):
+            _, count = trainer.train_step(step)
+            trainer.optimizer_step(0.0)
+            micro, _ = trainer.step_examples(step)
+            tokens += sum(len(x) for batch in micro for x, _ in batch)
+            answers += count
+        seconds = time.perf_counter() - start
+    return {"tokens": tokens, "answer_tokens": answers, "seconds": seconds, "peak_rss": peak_rss()}
+
+
+def run_baseline(model_dir: Path, args) -> dict:
+    """transformers Trainer + PEFT LoRA + DataCollatorForSeq2Seq, the way LLaMA-Factory sets it up by default."""
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig, get_peft_model
+    from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
+
+    import chatglm_sft
+
+    model = chatglm_sft.load_model(model_dir, dtype=torch.float32)
+    tokenizer = chatglm_sft.load_tokenizer(model_dir)
+    model = get_peft_model(
+        model,
+        LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]),
+    )
+    rows = examples(model_dir)
+    dataset = Dataset.from_dict(
+        {
+            "input_ids": [x for x, _ in rows],
+            "labels": [y for _, y in rows],
+            "attention_mask": [[1] * len(x) for x, _ in rows],
+        }
+    )
+    timing = {}
+
+    class Clock(TrainerCallback):
+        def on_step_end(self, targs, state, control, **kw):
+            if state.global_step == 1:  # the first step is warm-up, as for ours
+                timing["start"] = time.perf_counter()
+
+    with tempfile.TemporaryDirectory() as out:
+        targs = TrainingArguments(
+            output_dir=out,
+            per_device_train_batch_size=args.batch_size,
+            max_steps=args.steps + 1,
+            learning_rate=1e-4,
+            logging_steps=1000,
+            save_strategy="no",
+            report_to=[],
+            bf16=args.precision == "bf16",
+            use_cpu=True,
+            seed=0,
+            dataloader_num_workers=0,
+            disable_tqdm=True,
+        )
+        collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
+        counter = {"tokens": 0, "answer_tokens": 0}
+
+        def collate(features):
+            batch = collator(features)
+            if "start" in timing:
+                counter["tokens"] += int(batch["attention_mask"].sum())
+                counter["answer_tokens"] += int((batch["labels"][:, 1:] != -100).sum())
+            return batch
+
+        trainer = Trainer(model=model, args=targs, train_dataset=dataset, data_collator=collate, callbacks=[Clock()])
+        trainer.train()
+        seconds = time.perf_counter() - timing["start"]
+    return {**counter, "seconds": seconds, "peak_rss": peak_rss()}
+
+
+def matmul_peak(dtype_name: str) -> float:
+    import torch
+
+    dtype = torch.bfloat16 if dtype_name == "bf16" else torch.float32
+    a, b = torch.randn(2048, 2048, dtype=dtype), torch.randn(2048, 2048, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    start, n = time.perf_counter(), 10
+    for _ in range(n):
+        a @ b
+    return 2 * 2048**3 * n / (time.perf_counter() - start)
+
+
+def useful_flops(tokens: int, answer_tokens: int) -> float:
+    """The work a LoRA step must do: forward plus backward through the frozen base (activation gradients only, as
+    much work as the forward: 2 x 2 * params per token) for every real token, and the same through the output layer
+    for the tokens whose logits the loss needs (LoRA's own small matrices and attention's quadratic part left out)."""
+    h, f, L = SHAPE["hidden"], SHAPE["ffn"], SHAPE["layers"]
+    q, kv = SHAPE["heads"] * SHAPE["head_dim"], SHAPE["groups"] * SHAPE["head_dim"]
+    per_layer = h * (q + 2 * kv) + q * h + h * 2 * f + f * h
+    return 2 * 2 * (L * per_layer * tokens + h * 65024 * answer_tokens)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer steps (for a run of a few minutes)")
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    parser.add_argument("--side", choices=["ours", "baseline"], help=argparse.SUPPRESS)
+    parser.add_argument("--model-dir", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.quick:
+        args.steps = min(args.steps, 12)
+    if args.side:
+        model_dir = Path(args.model_dir)
+        result = (run_ours if args.side == "ours" else run_baseline)(model_dir, args)
+        print("RESULT " + json.dumps(result))
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = build_checkpoint(Path(tmp) / "model")
+        (model_dir / "alpaca.json").write_text((SHARED / "data/alpaca/alpaca_zh_demo.json").read_text())
+        print(
+            f"model: ChatGLM2 architecture, hidden {SHAPE['hidden']}, {SHAPE['layers']} layers, vocab 65024; "
+            f"LoRA r 8; batch {args.batch_size}; {args.steps} timed steps; {args.precision}"
+        )
+        results = {}
+        for side in ("baseline", "ours"):
+            cmd = [
+                sys.executable,
+                __file__,
+                "--side",
+                side,
+                "--model-dir",
+                str(model_dir),
+                "--steps",
+                str(args.steps),
+                "--batch-size",
+                str(args.batch_size),
+                "--precision",
+                args.precision,
+            ]
+            out = subprocess.run(cmd, capture_output=True, text=True)
+            if out.returncode != 0:
+                sys.exit(f"{side} failed:\n{out.stderr[-3000:]}")
+            results[side] = json.loads(out.stdout.split("RESULT ", 1)[1].splitlines()[0])
+        peak = matmul_peak(args.precision)
+        for side, r in results.items():
+            rate = r["tokens"] / r["seconds"]
+            flops = useful_flops(r["tokens"], r["answer_tokens"]) / r["seconds"]
+            print(
+                f"{side:8s} {r['tokens']:7d} real tokens in {r['seconds']:7.1f} s = {rate:8.1f} tokens/s   peak RSS "
+                f"{r['peak_rss'] / 2**30:5.2f} GiB   {flops / 1e9:6.1f} GFLOP/s = {flops / peak:5.1%} of "
+                f"{peak / 1e9:.0f} GFLOP/s matmul peak"
+            )
+        ratio = (results["ours"]["tokens"] / results["ours"]["seconds"]) / (
+            results["baseline"]["tokens"] / results["baseline"]["seconds"]
+        )
+        print(f"ratio {ratio:.2f}")
+
+
+if __name__ == "__main__":
+    main()
