@@ -204,13 +204,18 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_generation_args(p: argparse.ArgumentParser) -> None:
+def _add_runtime_args(p: argparse.ArgumentParser) -> None:
+    """How a model is loaded for inference (shared by predict, chat, eval, serve and webui)."""
     p.add_argument("--adapter", default=None, help="PEFT adapter folder (ours, or LoRA in THUDM's layout)")
     p.add_argument(
         "--dtype", default=None, help="float32, bfloat16 or float16 (default: float32 on the CPU, as stored on a GPU)"
     )
     p.add_argument("--device", default=None, help="cpu (default), cuda, cuda:1, ...")
     p.add_argument("--quantize", default=None, choices=["int8", "int4"], help="weight-only quantization")
+
+
+def _add_generation_args(p: argparse.ArgumentParser) -> None:
+    _add_runtime_args(p)
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy")
     p.add_argument("--top-p", type=float, default=1.0)
@@ -224,12 +229,7 @@ def _add_server_args(p: argparse.ArgumentParser, port: int) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
     p.add_argument("--port", type=int, default=port)
     p.add_argument("--model-name", default="chatglm-sft", help="the model id clients use")
-    p.add_argument("--adapter", default=None, help="PEFT adapter folder (ours, or LoRA in THUDM's layout)")
-    p.add_argument(
-        "--dtype", default=None, help="float32, bfloat16 or float16 (default: float32 on the CPU, as stored on a GPU)"
-    )
-    p.add_argument("--device", default=None, help="cpu (default), cuda, cuda:1, ...")
-    p.add_argument("--quantize", default=None, choices=["int8", "int4"], help="weight-only quantization")
+    _add_runtime_args(p)
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:

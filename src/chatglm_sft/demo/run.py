@@ -13,6 +13,7 @@ from chatglm_sft.demo.problems import make_problems
 from chatglm_sft.demo.tokenizer import train_tokenizer
 from chatglm_sft.errors import UserError
 from chatglm_sft.families import get_family
+from chatglm_sft.infer.predict import write_jsonl
 from chatglm_sft.models.checkpoint import save_sharded
 from chatglm_sft.models.convert_glm import hf_to_thudm, thudm_config_from_hf
 
@@ -20,7 +21,7 @@ MAX_NUMBER = 5  # operands 1..5: small enough for a tiny model to learn in a few
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    write_jsonl(rows, path)
     return path
 
 
