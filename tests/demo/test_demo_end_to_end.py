@@ -8,8 +8,9 @@ import sys
 
 
 def test_demo_in_an_empty_directory(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "chatglm_sft", "demo"], cwd=tmp_path, capture_output=True,
-                            text=True, timeout=900)
+    result = subprocess.run(
+        [sys.executable, "-m", "chatglm_sft", "demo"], cwd=tmp_path, capture_output=True, text=True, timeout=900
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Traceback" not in result.stderr
     out = tmp_path / "chatglm-sft-demo"

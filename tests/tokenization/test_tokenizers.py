@@ -198,3 +198,18 @@ def test_v1_preprocessing_equals_thudm_replace_loop():
         text = "".join(rng.choice(["a", "中", " ", "\n", "\t", " " * rng.randint(2, 200)]) for _ in range(12))
         assert preprocess(text) == thudm(text)
         assert postprocess(preprocess(text)) == text
+
+
+@pytest.mark.parametrize("name", ["chatglm-6b", "glm-4-9b-chat"])
+def test_chat_template_tensors_have_a_batch_dimension(name):
+    tok = tokenizer(name)
+    one = [{"role": "user", "content": "你好"}]
+    single = tok.apply_chat_template(one, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    assert (
+        single["input_ids"].shape
+        == single["attention_mask"].shape
+        == (1, len(tok.apply_chat_template(one, add_generation_prompt=True)))
+    )
+    two = [one, [{"role": "user", "content": "请详细地说一说"}]]
+    batch = tok.apply_chat_template(two, add_generation_prompt=True, return_tensors="pt")
+    assert batch.shape[0] == 2 and batch[0, 0] == tok.pad_token_id  # left-padded

@@ -42,11 +42,13 @@ class ConversationMixin:
             texts = [render_text(self, c, add_generation_prompt) for c in conversations]
             return texts if batched else texts[0]
         ids = [encode_conversation(self, c, add_generation_prompt).input_ids for c in conversations]
-        if not return_dict and return_tensors is None:
-            return ids if batched else ids[0]
-        enc = BatchEncoding({"input_ids": ids if batched else ids[0]})
-        enc = self.pad(enc, padding=padding or (batched and return_tensors is not None), return_tensors=return_tensors)
-        return enc
+        if return_tensors is None:
+            if not return_dict:
+                return ids if batched else ids[0]
+            return self.pad(BatchEncoding({"input_ids": ids if batched else ids[0]}), padding=padding)
+        # Tensors always carry a batch dimension (left-padded when the conversations differ in length).
+        enc = self.pad(BatchEncoding({"input_ids": ids}), padding=True, return_tensors=return_tensors)
+        return enc if return_dict else enc["input_ids"]
 
 
 class BatchFastPathMixin:
