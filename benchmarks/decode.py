@@ -12,8 +12,9 @@ import argparse
 import time
 
 import torch
-from transformers import GlmConfig, GlmForCausalLM
 from transformers.cache_utils import DynamicCache
+
+from chatglm_sft.models.synthetic import chatglm2_config, random_model
 
 
 def bandwidth() -> float:
@@ -48,21 +49,9 @@ def main() -> None:
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default="bf16")
     parser.add_argument("--new-tokens", type=int, default=32)
     args = parser.parse_args()
-    torch.manual_seed(0)
-    config = GlmConfig(
-        vocab_size=65024,
-        hidden_size=args.hidden,
-        intermediate_size=args.ffn,
-        num_hidden_layers=args.layers,
-        num_attention_heads=args.hidden // 128,
-        num_key_value_heads=2,
-        head_dim=128,
-        attention_bias=True,
-        pad_token_id=0,
-        eos_token_id=[2],
-    )
+    config = chatglm2_config(args.hidden, args.layers, args.ffn)
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
-    model = GlmForCausalLM(config).to(dtype).eval()
+    model = random_model(config).to(dtype)
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     # A decode step reads every weight except the embedding table, of which it reads one row per token.
     streamed = weights - model.model.embed_tokens.weight.numel() * model.model.embed_tokens.weight.element_size()

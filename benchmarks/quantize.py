@@ -13,10 +13,11 @@ import argparse
 import time
 
 import torch
-from transformers import GlmConfig, GlmForCausalLM
+from transformers import GlmForCausalLM
 from transformers.cache_utils import DynamicCache
 
 from chatglm_sft.models.quantize import quantize_model, weight_bytes
+from chatglm_sft.models.synthetic import chatglm2_config, random_model
 
 
 def linear_bytes(model) -> int:
@@ -48,20 +49,8 @@ def main() -> None:
     parser.add_argument("--ffn", type=int, default=5504)
     parser.add_argument("--new-tokens", type=int, default=32)
     args = parser.parse_args()
-    torch.manual_seed(0)
-    config = GlmConfig(
-        vocab_size=65024,
-        hidden_size=args.hidden,
-        intermediate_size=args.ffn,
-        num_hidden_layers=args.layers,
-        num_attention_heads=args.hidden // 128,
-        num_key_value_heads=2,
-        head_dim=128,
-        attention_bias=True,
-        pad_token_id=0,
-        eos_token_id=[2],
-    )
-    base = GlmForCausalLM(config).eval()
+    config = chatglm2_config(args.hidden, args.layers, args.ffn)
+    base = random_model(config)
     prompt = torch.randint(0, 65024, (1, 16))
     state = {k: v.clone() for k, v in base.state_dict().items()}
     reference = None

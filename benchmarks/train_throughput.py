@@ -29,33 +29,17 @@ def build_checkpoint(folder: Path) -> Path:
     """The benchmark model in THUDM's layout, with the ChatGLM2 tokenizer beside it."""
     import shutil
 
-    import torch
-    from transformers import GlmConfig, GlmForCausalLM
+    from chatglm_sft.models.synthetic import chatglm2_config, random_model, write_thudm_checkpoint
 
-    from chatglm_sft.families import get_family
-    from chatglm_sft.models.checkpoint import save_sharded
-    from chatglm_sft.models.convert_glm import hf_to_thudm, thudm_config_from_hf
-
-    family = get_family("chatglm2-6b")
-    config = GlmConfig(
-        vocab_size=65024,
-        hidden_size=SHAPE["hidden"],
-        intermediate_size=SHAPE["ffn"],
-        num_hidden_layers=SHAPE["layers"],
-        num_attention_heads=SHAPE["heads"],
-        num_key_value_heads=SHAPE["groups"],
+    config = chatglm2_config(
+        SHAPE["hidden"],
+        SHAPE["layers"],
+        SHAPE["ffn"],
         head_dim=SHAPE["head_dim"],
-        max_position_embeddings=2048,
-        attention_bias=True,
-        pad_token_id=0,
-        eos_token_id=family.stop_ids,
-        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5},
+        kv_groups=SHAPE["groups"],
+        heads=SHAPE["heads"],
     )
-    torch.manual_seed(0)
-    model = GlmForCausalLM(config)
-    config.dtype = torch.float32
-    save_sharded(hf_to_thudm(model.state_dict(), config), folder)
-    (folder / "config.json").write_text(json.dumps(thudm_config_from_hf(config, family)))
+    write_thudm_checkpoint(random_model(config), folder)
     for name in ("tokenizer.model", "tokenizer_config.json"):
         shutil.copyfile(SHARED / "reference/models/chatglm2-6b" / name, folder / name)
     return folder

@@ -7,15 +7,12 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import GlmConfig, GlmForCausalLM
 
 from chatglm_sft.demo.problems import make_problems
 from chatglm_sft.demo.tokenizer import train_tokenizer
 from chatglm_sft.errors import UserError
-from chatglm_sft.families import get_family
 from chatglm_sft.infer.predict import write_jsonl
-from chatglm_sft.models.checkpoint import save_sharded
-from chatglm_sft.models.convert_glm import hf_to_thudm, thudm_config_from_hf
+from chatglm_sft.models.synthetic import chatglm2_config, random_model, write_thudm_checkpoint
 
 MAX_NUMBER = 5  # operands 1..5: small enough for a tiny model to learn in a few minutes on a CPU
 
@@ -27,28 +24,8 @@ def _write_jsonl(path: Path, rows: list[dict]) -> Path:
 
 def _base_checkpoint(folder: Path, seed: int) -> Path:
     """A small ChatGLM2-architecture model with random weights, written in THUDM's layout."""
-    family = get_family("chatglm2-6b")
-    config = GlmConfig(
-        vocab_size=65024,
-        hidden_size=128,
-        intermediate_size=352,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=32,
-        max_position_embeddings=256,
-        rms_norm_eps=1e-5,
-        attention_bias=True,
-        pad_token_id=0,
-        eos_token_id=family.stop_ids,
-        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5},
-    )
-    torch.manual_seed(seed)
-    model = GlmForCausalLM(config)
-    config.dtype = torch.float32
-    save_sharded(hf_to_thudm(model.state_dict(), config), folder)
-    (folder / "config.json").write_text(json.dumps(thudm_config_from_hf(config, family), indent=2))
-    return folder
+    config = chatglm2_config(hidden=128, layers=2, ffn=352, head_dim=32, max_positions=256)
+    return write_thudm_checkpoint(random_model(config, seed), folder)
 
 
 def _train(**settings) -> Path:
