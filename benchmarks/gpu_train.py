@@ -68,7 +68,7 @@ def run(shape: str, device, batch: int, length: int, steps: int, checkpointing: 
     with torch.device(device):
         model = GlmForCausalLM(config).to(torch.bfloat16)
     if checkpointing:
-        model.gradient_checkpointing_enable()
+        model.activation_checkpointing_enable()
         model.enable_input_require_grads()
     model = get_peft_model(
         model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])

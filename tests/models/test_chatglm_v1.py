@@ -138,7 +138,7 @@ def test_gradient_checkpointing_gives_same_gradients():
     for checkpointing in (False, True):
         model = random_model(seed=4).train()
         if checkpointing:
-            model.gradient_checkpointing_enable()
+            model.activation_checkpointing_enable()
         calls = []
         model.transformer.layers[0].attention.register_forward_hook(lambda *_, calls=calls: calls.append(1))
         model(ids, labels=labels).loss.backward()

@@ -183,7 +183,7 @@ class Trainer:
             config.model, dtype=base_dtype or "float32", device=self.d.device, family=self.family.name
         )
         if config.gradient_checkpointing:
-            model.gradient_checkpointing_enable()
+            model.activation_checkpointing_enable()
             model.enable_input_require_grads()
         torch.manual_seed(config.seed)
         self.model = prepare_model(model, config, self.family)
