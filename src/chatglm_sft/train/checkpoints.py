@@ -10,7 +10,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 
 from chatglm_sft.errors import UserError
 
@@ -32,32 +31,33 @@ def complete_checkpoints(out: Path) -> list[Path]:
 
 
 def save(trainer) -> Path:
-    """Write OUTPUT/checkpoint-N under a temporary name, then rename it into place."""
-    out, step = trainer.out, trainer.state.step
-    final = out / f"checkpoint-{step}"
-    if trainer.d.main:
-        tmp = out / f".tmp-checkpoint-{step}"
+    """Write OUTPUT/checkpoint-N under a temporary name (every process writes its share), then rename it into
+    place once all have finished."""
+    out, step, d = trainer.out, trainer.state.step, trainer.d
+    final, tmp = out / f"checkpoint-{step}", out / f".tmp-checkpoint-{step}"
+    if d.main:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        trainable = {n: p.detach().cpu().contiguous() for n, p in trainer.model.named_parameters() if p.requires_grad}
-        save_file(trainable, str(tmp / "trainable.safetensors"))
-        if trainer.config.method == "lora":
-            trainer.model.save_pretrained(tmp)  # a usable adapter as well
-        torch.save(
-            {
-                "optimizer": trainer.optimizer.state_dict(),
-                "scheduler": trainer.scheduler.state_dict(),
-                "scaler": trainer.scaler.state_dict(),
-            },
-            tmp / "optimizer.pt",
-        )
+    _barrier(d)
+    trainer.parallel.save(tmp)
+    _save_rng(tmp / f"rng-{d.rank}.pt")
+    adapter = trainer.parallel.full_state(trainable_only=True) if trainer.config.method == "lora" else None
+    if d.main:
+        if adapter is not None:
+            trainer.model.save_pretrained(tmp, state_dict=adapter)  # a usable adapter as well
+        torch.save({"scheduler": trainer.scheduler.state_dict()}, tmp / "scheduler.pt")
         (tmp / "trainer_state.json").write_text(json.dumps(asdict(trainer.state)))
-        _save_rng(tmp / "rng.pt")
+    _barrier(d)
+    if d.main:
         tmp.rename(final)
         _prune(out, trainer.config.save_total_limit)
-    if trainer.d.world > 1:
-        torch.distributed.barrier()
+    _barrier(d)
     return final
+
+
+def _barrier(d) -> None:
+    if d.world > 1:
+        torch.distributed.barrier()
 
 
 def _save_rng(path: Path) -> None:
@@ -85,21 +85,14 @@ def resume(trainer) -> int:
         folder = Path(choice)
         if not (folder / "trainer_state.json").is_file():
             raise UserError(f"{folder}: not a complete checkpoint (no trainer_state.json)")
-    saved = load_file(str(folder / "trainable.safetensors"))
-    params = dict(trainer.model.named_parameters())
-    for name, tensor in saved.items():
-        if name not in params:
-            raise UserError(f"{folder}: checkpoint tensor {name} does not exist in this model (other --method?)")
-        with torch.no_grad():
-            params[name].copy_(tensor)
-    extra = torch.load(folder / "optimizer.pt", map_location=trainer.d.device, weights_only=False)
-    trainer.optimizer.load_state_dict(extra["optimizer"])
-    trainer.scheduler.load_state_dict(extra["scheduler"])
-    trainer.scaler.load_state_dict(extra["scaler"])
+    trainer.parallel.load(folder)
+    schedule = torch.load(folder / "scheduler.pt", weights_only=False)
+    trainer.scheduler.load_state_dict(schedule["scheduler"])
     state = json.loads((folder / "trainer_state.json").read_text())
     trainer.state.step, trainer.state.bad_steps = state["step"], state["bad_steps"]
     trainer.state.history = state["history"]
-    rng = torch.load(folder / "rng.pt", weights_only=False)
+    rank_rng = folder / f"rng-{trainer.d.rank}.pt"
+    rng = torch.load(rank_rng if rank_rng.is_file() else folder / "rng-0.pt", weights_only=False)
     random.setstate(rng["python"])
     torch.set_rng_state(rng["torch"])
     if "cuda" in rng and torch.cuda.is_available():

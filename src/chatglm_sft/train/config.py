@@ -14,6 +14,7 @@ from chatglm_sft.errors import UserError
 
 METHODS = ("lora", "full", "freeze", "ptuning", "qlora")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+DISTRIBUTED = ("auto", "ddp", "fsdp", "deepspeed")
 
 
 @dataclass
@@ -104,6 +105,11 @@ class TrainConfig:
     """Dtype of the frozen base weights for LoRA (default float32; bf16 halves memory)."""
     device: str | None = None
     """cpu or cuda (default: cuda when available); multi-process runs use their local rank's GPU."""
+    distributed: str = "auto"
+    """Multi-process strategy: ddp, fsdp (FSDP2, sharded weights/gradients/optimizer), deepspeed (ZeRO-2/3); auto
+    follows `accelerate launch --use_fsdp/--use_deepspeed` and is ddp otherwise."""
+    deepspeed_config: str | None = None
+    """DeepSpeed JSON for --distributed deepspeed (configs/deepspeed/zero2.json or zero3.json; default ZeRO-2)."""
 
 
 def _coerce(name: str, value):
@@ -158,6 +164,8 @@ def validate(config: TrainConfig) -> None:
         raise UserError(f"--method must be one of {', '.join(METHODS)}")
     if config.precision not in PRECISIONS:
         raise UserError(f"--precision must be one of {', '.join(PRECISIONS)}")
+    if config.distributed not in DISTRIBUTED:
+        raise UserError(f"--distributed must be one of {', '.join(DISTRIBUTED)}")
     if config.on_bad_record not in ("error", "skip"):
         raise UserError("--on-bad-record must be error or skip")
     if config.lr_scheduler not in ("cosine", "linear", "constant"):

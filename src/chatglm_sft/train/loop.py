@@ -36,7 +36,8 @@ from chatglm_sft.models.architectures import architecture_of
 from chatglm_sft.train import checkpoints
 from chatglm_sft.train.batching import epoch_order, pack_batch, pad_batch
 from chatglm_sft.train.config import TrainConfig, to_dict
-from chatglm_sft.train.methods import check_qlora_support, prepare_model, save_result, trainable_parameters
+from chatglm_sft.train.methods import check_qlora_support, prepare_model, save_result, trainable_only
+from chatglm_sft.train.parallel import STRATEGY_CLASSES, choose_strategy
 
 
 @dataclass
@@ -57,15 +58,20 @@ class Dist:
         return t.tolist()
 
 
-def setup_distributed(config: TrainConfig) -> Dist:
+def setup_distributed(config: TrainConfig) -> tuple[Dist, str]:
+    """This process's place in the run, and the strategy (see parallel.py)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
+    strategy = choose_strategy(config, world)
     cuda = torch.cuda.is_available() and (config.device or "cuda").startswith("cuda")
-    device = torch.device(f"cuda:{local}" if cuda and world > 1 else (config.device or ("cuda" if cuda else "cpu")))
-    if world > 1 and not dist.is_initialized():
+    launched = strategy != "single"
+    device = torch.device(f"cuda:{local}" if cuda and launched else (config.device or ("cuda" if cuda else "cpu")))
+    if launched and not dist.is_initialized():
+        if cuda:
+            torch.cuda.set_device(device)
         dist.init_process_group("nccl" if cuda else "gloo")
-    return Dist(rank, world, device)
+    return Dist(rank, world, device), strategy
 
 
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
@@ -164,7 +170,7 @@ def answer_tokens(labels: list[int]) -> int:
 class Trainer:
     def __init__(self, config: TrainConfig):
         self.config = config
-        self.d = setup_distributed(config)
+        self.d, strategy = setup_distributed(config)
         self.out = Path(config.output)
         if config.method == "qlora":
             check_qlora_support(self.d.device)
@@ -188,18 +194,14 @@ class Trainer:
         torch.manual_seed(config.seed)
         self.model = prepare_model(model, config, self.family)
         self.model.train()
-        self.params = [p for _, p in trainable_parameters(self.model)]
-        self.optimizer = torch.optim.AdamW(self.params, lr=config.learning_rate, weight_decay=config.weight_decay)
+        self.parallel = STRATEGY_CLASSES[strategy](self.model, config, self.d.device, self.autocast)
+        self.optimizer = self.parallel.optimizer
         per_step = config.batch_size * config.gradient_accumulation_steps * self.d.world
         self.steps_per_epoch = max(1, math.ceil(len(self.train_set) / per_step))
         self.total_steps = config.max_steps or max(1, math.ceil(config.num_epochs * self.steps_per_epoch))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_factor(s, config, self.total_steps)
         )
-        self.ddp = self.model
-        if self.d.world > 1:
-            self.ddp = torch.nn.parallel.DistributedDataParallel(self.model)
-        self.scaler = torch.amp.GradScaler(enabled=self.autocast == torch.float16 and self.d.device.type == "cuda")
         self.state = checkpoints.TrainState()
         self._orders: dict[int, list[int]] = {}
 
@@ -215,8 +217,10 @@ class Trainer:
             }
         return self._orders[epoch]
 
-    def step_examples(self, step: int) -> tuple[list[list[tuple]], int]:
-        """This process's micro-batches for `step`, and the answer-token count of the whole step (all ranks)."""
+    def step_examples(self, step: int) -> tuple[list[tuple[list[tuple], float]], int]:
+        """This process's micro-batches for `step` with their loss weights, and the answer-token count of the whole
+        step (all processes). Every process gets the same number of micro-batches (FSDP and ZeRO-3 need equal
+        forward passes); one whose share of a short last micro-batch is empty runs an example at weight 0."""
         c, d = self.config, self.d
         epoch, within = divmod(step, self.steps_per_epoch)
         per_step = c.batch_size * c.gradient_accumulation_steps * d.world
@@ -224,11 +228,17 @@ class Trainer:
         tokens = sum(answer_tokens(self.train_set[i][1]) for i in indices)
         per_micro = c.batch_size * d.world
         micro = []
-        for m in range(c.gradient_accumulation_steps):
-            shard = indices[m * per_micro : (m + 1) * per_micro][d.rank * c.batch_size : (d.rank + 1) * c.batch_size]
-            if shard:
-                micro.append([self.train_set[i] for i in shard])
+        for start in range(0, len(indices), per_micro):
+            mine, weight = self._share(indices[start : start + per_micro])
+            micro.append(([self.train_set[i] for i in mine], weight))
         return micro, tokens
+
+    def _share(self, chunk: list) -> tuple[list, float]:
+        """This process's contiguous part of `chunk` (parts differ in size by at most one), weight 1; or, when it
+        is empty, the chunk's first item at weight 0."""
+        d = self.d
+        mine = chunk[d.rank * len(chunk) // d.world : (d.rank + 1) * len(chunk) // d.world]
+        return (mine, 1.0) if mine else (chunk[:1], 0.0)
 
     def tensors(self, examples) -> dict[str, torch.Tensor]:
         if self.config.packing:
@@ -263,51 +273,45 @@ class Trainer:
         micro, tokens = self.step_examples(step)
         scale = self.d.world / max(1, tokens)
         local_sum = 0.0
-        for k, examples in enumerate(micro):
+        for k, (examples, weight) in enumerate(micro):
             batch = self.tensors(examples)
-            sync = k == len(micro) - 1 or self.d.world == 1
-            context = self.ddp.no_sync() if not sync and self.d.world > 1 else nullcontext()
-            with context:
-                loss = self.loss_sum(self.ddp, batch)
-                self.scaler.scale(loss * scale).backward()
-            local_sum += loss.item()
-        if self.d.world > 1 and len(micro) == 0:
-            raise UserError("a process got no examples for a step; use fewer processes or a larger dataset")
+            last = k == len(micro) - 1
+            with nullcontext() if last else self.parallel.accumulating():
+                loss = self.loss_sum(self.parallel.module, batch)
+                self.parallel.backward(loss * (scale * weight))
+            local_sum += loss.item() * weight
         (total_sum,) = self.d.all_sum([local_sum])
         return total_sum / max(1, tokens), tokens
 
     def optimizer_step(self, loss: float) -> bool:
         """Apply the step, or skip it when the loss is not finite; returns whether it was applied."""
-        if not math.isfinite(loss):
-            self.optimizer.zero_grad(set_to_none=True)
-            self.state.bad_steps += 1
-            if self.state.bad_steps > self.config.max_bad_steps:
-                raise UserError(
-                    f"loss was NaN/Inf in {self.state.bad_steps} steps (more than --max-bad-steps "
-                    f"{self.config.max_bad_steps}); lower the learning rate or use --precision fp32"
-                )
-            return False
-        self.scaler.unscale_(self.optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm or float("inf"))
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.last_grad_norm = float(grad_norm)
-        return True
+        if math.isfinite(loss):
+            self.last_grad_norm = self.parallel.step()
+            if self.last_grad_norm is not None:
+                return True
+        else:
+            self.parallel.skip()
+        self.state.bad_steps += 1
+        if self.state.bad_steps > self.config.max_bad_steps:
+            raise UserError(
+                f"loss or gradients were NaN/Inf in {self.state.bad_steps} steps (more than --max-bad-steps "
+                f"{self.config.max_bad_steps}); lower the learning rate or use --precision fp32"
+            )
+        return False
 
     @torch.no_grad()
     def evaluate(self) -> float | None:
         if not self.eval_set:
             return None
         self.model.eval()
-        total, tokens = 0.0, 0
-        shard = self.eval_set[self.d.rank :: self.d.world]
-        for k in range(0, len(shard), self.config.batch_size):
-            chunk = shard[k : k + self.config.batch_size]
-            total += self.loss_sum(self.model, self.tensors(chunk)).item()
-            tokens += sum(answer_tokens(y) for _, y in chunk)
+        total, tokens = 0.0, 0.0
+        per_batch = self.config.batch_size * self.d.world
+        for start in range(0, len(self.eval_set), per_batch):
+            mine, weight = self._share(self.eval_set[start : start + per_batch])
+            total += self.loss_sum(self.model, self.tensors(mine)).item() * weight
+            tokens += sum(answer_tokens(y) for _, y in mine) * weight
         self.model.train()
-        total, tokens = self.d.all_sum([total, float(tokens)])
+        total, tokens = self.d.all_sum([total, tokens])
         return total / max(1.0, tokens)
 
     def run(self) -> Path:
@@ -346,8 +350,9 @@ class Trainer:
         bar.close()
         if self.eval_set and not (c.eval_steps and self.state.step % c.eval_steps == 0):
             self._log_eval(log)
+        state = self.parallel.full_state(trainable_only(c.method))
         if self.d.main:
-            save_result(self.model, self.out, c, c.model, self.family)
+            save_result(self.model, self.out, c, c.model, self.family, state)
             log.plot()
         log.close()
         _say(self.d, f"done: {self.state.step} steps, {self.state.bad_steps} skipped (NaN/Inf); result in {self.out}")

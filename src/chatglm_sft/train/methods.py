@@ -84,7 +84,7 @@ def prepare_model(model, config: TrainConfig, family: Family):
             task_type="CAUSAL_LM",
         )
         return get_peft_model(model, lora)
-    layers = _decoder_layers(model)
+    layers = decoder_layers(model)
     for p in model.parameters():
         p.requires_grad_(config.method == "full")
     if config.method == "freeze":
@@ -96,7 +96,7 @@ def prepare_model(model, config: TrainConfig, family: Family):
     return model
 
 
-def _decoder_layers(model) -> torch.nn.ModuleList:
+def decoder_layers(model) -> torch.nn.ModuleList:
     for module in model.modules():
         if isinstance(module, torch.nn.ModuleList) and len(module) and hasattr(module[0], "forward"):
             return module
@@ -107,26 +107,33 @@ def trainable_parameters(model) -> list[tuple[str, torch.nn.Parameter]]:
     return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
 
 
-def save_result(model, output: Path, config: TrainConfig, source_model_dir: str, family: Family) -> None:
-    """Write the adapter (LoRA) or the model (full, freeze) to `output`, then check it reads back."""
+def save_result(model, output: Path, config: TrainConfig, source_model_dir: str, family: Family, state: dict) -> None:
+    """Write the adapter (LoRA), the prefix (P-Tuning) or the model (full, freeze) to `output` from `state` (whole
+    tensors gathered from all processes, see parallel.py), then check it reads back."""
     if config.method in ("lora", "qlora"):
-        model.save_pretrained(output)
-        check_adapter(model, output)
+        save_adapter(model, output, state)
         return
     if config.method == "ptuning":
-        save_prefix(model, output, source_model_dir, family)
+        save_prefix(model, output, source_model_dir, family, state)
         return
     from chatglm_sft.tokenization.export import export_hf_tokenizer
 
-    model.save_pretrained(output)
+    model.save_pretrained(output, state_dict=state)
     if (Path(source_model_dir) / family.tokenizer_file).is_file():
         export_hf_tokenizer(family, Path(source_model_dir), output)
 
 
-def check_adapter(model, folder: Path) -> None:
-    """The saved adapter must read back as exactly the trained LoRA tensors (the seed project's loaded empty)."""
+def trainable_only(method: str) -> bool:
+    """Whether the result of `method` is its trained tensors alone (adapters, prefixes) rather than a whole model."""
+    return method in ("lora", "qlora", "ptuning")
+
+
+def save_adapter(model, folder: Path, state: dict) -> None:
+    """PEFT's adapter files, checked to read back as exactly the trained LoRA tensors (the seed project's loaded
+    empty)."""
+    model.save_pretrained(folder, state_dict=state)
     saved = load_file(str(folder / "adapter_model.safetensors"))
-    expected = get_peft_model_state_dict(model)
+    expected = get_peft_model_state_dict(model, state_dict=state)
     if not saved or set(saved) != set(expected):
         raise UserError(f"{folder}: saved adapter holds {len(saved)} tensors, expected {len(expected)}")
     for name, tensor in expected.items():
@@ -136,12 +143,17 @@ def check_adapter(model, folder: Path) -> None:
         raise UserError(f"{folder}: adapter_config.json names no target modules")
 
 
-def save_prefix(model, output: Path, source_model_dir: str, family: Family) -> None:
+def save_prefix(model, output: Path, source_model_dir: str, family: Family, state: dict) -> None:
     """P-Tuning v2 output in THUDM's layout: the base `config.json` plus `pre_seq_len`/`prefix_projection`, and a
     `pytorch_model.bin` holding only `transformer.prefix_encoder.*` (what THUDM's demos load)."""
-    arch = architecture_of(family)
-    encoder = model.get_submodule(arch.prefix_module)
-    state = {f"transformer.prefix_encoder.{k}": v.detach().cpu().contiguous() for k, v in encoder.state_dict().items()}
+    prefix = architecture_of(family).prefix_module + "."
+    state = {
+        "transformer.prefix_encoder." + k.removeprefix(prefix): v.contiguous()
+        for k, v in state.items()
+        if k.startswith(prefix)
+    }
+    if not state:
+        raise UserError(f"{output}: the model has no trained prefix encoder to save")
     torch.save(state, output / "pytorch_model.bin")
     config = json.loads((Path(source_model_dir) / "config.json").read_text())
     config.update(
