@@ -101,17 +101,18 @@ def one_process(tmp_path_factory):
 
 
 @pytest.mark.parametrize("method", ["lora", "full"])
-def test_fsdp_matches_one_process_and_resumes(tmp_path, method, one_process):
+def test_fsdp_matches_one_process(tmp_path, method, one_process):
     one = one_process(method)
     fsdp = tmp_path / "fsdp"
     train(fsdp, 2, "--method", method, "--distributed", "fsdp")
     assert (fsdp / "checkpoint-2" / "sharded" / ".metadata").is_file()
     assert_same_model(fsdp, one)
-    resume_from_checkpoint(fsdp, tmp_path / "again", 2, "--method", method, "--distributed", "fsdp")
+    if method == "lora":  # the sharded save and load are the same code for every method
+        resume_from_checkpoint(fsdp, tmp_path / "again", 2, "--method", method, "--distributed", "fsdp")
 
 
 @pytest.mark.parametrize("stage,method", [(2, "lora"), (3, "lora"), (3, "full")])
-def test_deepspeed_zero_matches_one_process_and_resumes(tmp_path, stage, method, one_process):
+def test_deepspeed_zero_matches_one_process(tmp_path, stage, method, one_process):
     pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (pip install deepspeed)")
     ds_config = json.loads((CONFIGS / f"deepspeed/zero{stage}.json").read_text())
     # The tiny model's weights are all small: without this ZeRO-3 would keep them whole on every process.
@@ -122,7 +123,7 @@ def test_deepspeed_zero_matches_one_process_and_resumes(tmp_path, stage, method,
     train(zero, 2, *ds)
     assert (zero / "checkpoint-2" / "deepspeed").is_dir()
     assert_same_model(zero, one_process(method))  # full + ZeRO-3: the model gathered from partitions
-    if method == "lora":
+    if stage == 3 and method == "lora":  # DeepSpeed's own save and load, the same call for every stage
         resume_from_checkpoint(zero, tmp_path / "again", 2, *ds)
 
 
@@ -137,6 +138,9 @@ def test_strategy_follows_accelerate_and_refuses_contradictions():
         choose_strategy(config, 2, environ=env)
     with pytest.raises(UserError, match="torchrun"):
         choose_strategy(config, 1, environ={})
+    config.method = "qlora"
+    with pytest.raises(UserError, match="qlora"):
+        choose_strategy(config, 2, environ={"WORLD_SIZE": "2"})
 
 
 def test_deepspeed_config_fills_auto_values_and_refuses_its_own_optimizer(tmp_path):
@@ -157,3 +161,17 @@ def test_deepspeed_config_fills_auto_values_and_refuses_its_own_optimizer(tmp_pa
     bad.write_text('{"zero_optimization": {"stage": 2},\n "fp16": }')
     with pytest.raises(UserError, match=f"{bad}:2"):
         deepspeed_config(config, 2, None)
+
+
+def test_each_process_gets_a_share_or_a_zero_weight_example():
+    from types import SimpleNamespace
+
+    from chatglm_sft.train.loop import Dist, Trainer
+
+    for world in (2, 3, 4):
+        for n in range(1, 10):
+            chunk = list(range(100, 100 + n))
+            shares = [Trainer._share(SimpleNamespace(d=Dist(rank=r, world=world)), chunk) for r in range(world)]
+            assert [x for mine, w in shares if w == 1.0 for x in mine] == chunk  # all of it, once, in order
+            assert all(mine == chunk[:1] for mine, w in shares if w == 0.0)
+            assert max(len(m) for m, w in shares if w) - min(len(m) for m, w in shares if w) <= 1

@@ -355,6 +355,12 @@ class Trainer:
             save_result(self.model, self.out, c, c.model, self.family, state)
             log.plot()
         log.close()
+        if self.d.world > 1:
+            # The others wait until the result is written. Under DeepSpeed a process that finished early was seen
+            # to abort at exit ("terminate called without an active exception"), and the launcher then killed the
+            # main process mid-save.
+            dist.barrier()
+        self.parallel.close()
         _say(self.d, f"done: {self.state.step} steps, {self.state.bad_steps} skipped (NaN/Inf); result in {self.out}")
         return self.out
 

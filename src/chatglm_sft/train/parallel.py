@@ -44,6 +44,8 @@ def choose_strategy(config: TrainConfig, world: int, environ=os.environ) -> str:
             f"--distributed {chosen} runs under a launcher: torchrun --nproc-per-node N -m chatglm_sft train … "
             "(or accelerate launch)"
         )
+    if chosen in ("fsdp", "deepspeed") and config.method == "qlora":
+        raise UserError(f"--method qlora runs with ddp (a 4-bit base per process), not --distributed {chosen}")
     if chosen == "ddp" and world == 1:
         return "single"
     return chosen
@@ -93,6 +95,9 @@ class Strategy:
     def skip(self) -> None:
         """Drop the gradients of a step whose loss was not finite."""
         self.optimizer.zero_grad(set_to_none=True)
+
+    def close(self) -> None:
+        """Release what the strategy holds before the process group goes."""
 
     def save(self, folder: Path) -> None:
         """Write the trained tensors and optimizer state (called on every process)."""
@@ -246,6 +251,9 @@ class DeepSpeedStrategy(Strategy):
                 "DeepSpeed applied a step whose loss was NaN/Inf (set gradient_clipping in the DeepSpeed config so "
                 "that it checks gradients); resume from the last checkpoint with a lower learning rate"
             )
+
+    def close(self) -> None:
+        self.engine.destroy()
 
     def save(self, folder: Path) -> None:
         self.engine.save_checkpoint(str(folder), tag="deepspeed", exclude_frozen_parameters=True, save_latest=False)
