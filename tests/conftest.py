@@ -4,6 +4,8 @@ generated in THUDM's layout."""
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -15,6 +17,12 @@ TINY = SHARED / "reference" / "tiny"
 MODELS = SHARED / "reference" / "models"
 TOKENIZE = SHARED / "reference" / "tokenize"
 DATA = SHARED / "data"
+
+
+def pytest_configure(config):
+    """A tokenizer cache of this test session's own (see chatglm_sft.tokenization.cache): tests never read entries
+    that another version of the code wrote, and the subprocesses they start share it."""
+    os.environ["CHATGLM_SFT_CACHE"] = tempfile.mkdtemp(prefix="chatglm-sft-test-cache-")
 
 
 def need_shared(path: Path) -> Path:

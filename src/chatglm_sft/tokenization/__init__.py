@@ -12,7 +12,7 @@ from transformers.tokenization_utils_base import PaddingStrategy, TruncationStra
 from chatglm_sft.conversation import encode_conversation, render_text
 from chatglm_sft.errors import UserError
 from chatglm_sft.families import Family, detect_family
-from chatglm_sft.tokenization.fast import build_backend
+from chatglm_sft.tokenization.cache import load_backend
 from chatglm_sft.tokenization.v1 import ChatGLMv1Tokenizer, preprocess
 
 __all__ = ["load_tokenizer", "ChatGLMTokenizerFast", "ChatGLMv1ChatTokenizer"]
@@ -123,8 +123,12 @@ class ChatGLMTokenizerFast(BatchFastPathMixin, ConversationMixin, PreTrainedToke
         # ChatGLM2/3 never match special tokens in text, so SentencePiece itself gives the same ids, faster.
         self._sp = spm.SentencePieceProcessor(model_file=sentencepiece_file) if sentencepiece_file else None
         self._prefix = [family.id_of(t) for t in family.prefix_tokens]
-        # A second backend that never matches special tokens in text, for message contents.
-        self._plain = Tokenizer.from_str(self.backend_tokenizer.to_str())
+        # A second backend that never matches special tokens in text, for message contents. transformers copies the
+        # `tokenizer_object` it is given, so the original can serve (rebuilding one costs a second per GLM-4 load).
+        plain = kwargs.get("tokenizer_object")
+        if plain is None or plain is self._tokenizer:
+            plain = Tokenizer.from_str(self.backend_tokenizer.to_str())
+        self._plain = plain
         self._plain.encode_special_tokens = True
 
     def encode_plain(self, text: str) -> list[int]:
@@ -201,7 +205,7 @@ def build_tokenizer(family: Family, model_file: str | Path):
     if family.tokenizer_kind == "sentencepiece-v1":
         return ChatGLMv1ChatTokenizer(str(model_file), family=family)
     try:
-        backend = build_backend(family, str(model_file))
+        backend = load_backend(family, model_file)
     except (OSError, ValueError, RuntimeError) as e:
         raise UserError(f"{model_file}: cannot read tokenizer ({e})") from None
     sentencepiece_file = str(model_file) if family.tokenizer_kind == "sentencepiece" else None

@@ -16,7 +16,7 @@ from transformers import PreTrainedTokenizerFast
 
 from chatglm_sft.families import Family
 from chatglm_sft.tokenization import fast_tokenizer_kwargs
-from chatglm_sft.tokenization.fast import build_backend
+from chatglm_sft.tokenization.cache import load_backend
 
 # ChatGLM2's official prompt, rounds from 1; `tokenizers` adds the SentencePiece dummy prefix after the specials.
 _CHATGLM2 = (
@@ -67,7 +67,7 @@ def export_hf_tokenizer(family: Family, src_dir: Path, out_dir: Path) -> None:
     if family.template not in JINJA_TEMPLATES:  # ChatGLM-6B: no fast tokenizer reproduces its ids
         export_thudm_tokenizer(family, src_dir, out_dir)
         return
-    backend = build_backend(family, str(src_dir / family.tokenizer_file))
+    backend = load_backend(family, src_dir / family.tokenizer_file)
     tok = PreTrainedTokenizerFast(
         tokenizer_object=backend,
         chat_template=JINJA_TEMPLATES[family.template],
