@@ -220,6 +220,17 @@ def create_app(
             "total_tokens": len(job.prompt) + job.completion_tokens,
         }
 
+    def envelope(kind: str, ident: str, created: int, choice: dict, **extra) -> dict:
+        """An OpenAI response object or stream chunk with its one choice."""
+        return {
+            "id": ident,
+            "object": kind,
+            "created": created,
+            "model": model_name,
+            "choices": [{"index": 0, **choice}],
+            **extra,
+        }
+
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest, request: Request):
         check_model(body.model)
@@ -229,24 +240,13 @@ def create_app(
         if body.stream:
             return sse(stream_chat(job, request, ident, created))
         text, reason = await collect(job, request)
-        return {
-            "id": ident,
-            "object": "chat.completion",
-            "created": created,
-            "model": model_name,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": reason}],
-            "usage": usage(job),
-        }
+        message = {"role": "assistant", "content": text}
+        choice = {"message": message, "finish_reason": reason}
+        return envelope("chat.completion", ident, created, choice, usage=usage(job))
 
     async def stream_chat(job: Job, request: Request, ident: str, created: int) -> AsyncIterator[dict]:
         def chunk(delta: dict, reason=None):
-            return {
-                "id": ident,
-                "object": "chat.completion.chunk",
-                "created": created,
-                "model": model_name,
-                "choices": [{"index": 0, "delta": delta, "finish_reason": reason}],
-            }
+            return envelope("chat.completion.chunk", ident, created, {"delta": delta, "finish_reason": reason})
 
         yield chunk({"role": "assistant", "content": ""})
         async for kind, value in events(job, request):
@@ -270,24 +270,12 @@ def create_app(
             async def stream_text():
                 async for kind, value in events(job, request):
                     text, reason = (value, None) if kind == "delta" else ("", value)
-                    yield {
-                        "id": ident,
-                        "object": "text_completion",
-                        "created": created,
-                        "model": model_name,
-                        "choices": [{"index": 0, "text": text, "finish_reason": reason}],
-                    }
+                    yield envelope("text_completion", ident, created, {"text": text, "finish_reason": reason})
 
             return sse(stream_text())
         text, reason = await collect(job, request)
-        return {
-            "id": ident,
-            "object": "text_completion",
-            "created": created,
-            "model": model_name,
-            "choices": [{"index": 0, "text": text, "finish_reason": reason}],
-            "usage": usage(job),
-        }
+        choice = {"text": text, "finish_reason": reason}
+        return envelope("text_completion", ident, created, choice, usage=usage(job))
 
     @app.post("/nlg/text_generate")
     async def text_generate(body: TextGenerateRequest, request: Request):
