@@ -107,42 +107,62 @@ class Engine:
 
     def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]) -> list[Generation]:
         """Generate for a batch of prompts; greedy rows equal their single-prompt results."""
-        rows = params if isinstance(params, list) else [params] * len(prompts)
-        texts = [TextStream(self.tokenizer, p.stop) for p in rows]
-        reasons: list[str | None] = [None] * len(prompts)
-        for n, step in enumerate(self.decode_steps(prompts, rows), start=1):
-            for row, token in enumerate(step.tolist()):
-                if reasons[row] is None:
-                    reasons[row] = self.advance(texts[row], token, n, rows[row])
-            if all(reasons):
+        rows = Rows(self, params if isinstance(params, list) else [params] * len(prompts))
+        for n, step in enumerate(self.decode_steps(prompts, rows.params), start=1):
+            for _ in rows.advance(step.tolist(), n):
+                pass
+            if rows.done:
                 break
         return [
-            Generation(t.ids, t.text(), r or "length", len(p)) for t, r, p in zip(texts, reasons, prompts, strict=True)
+            Generation(t.ids, t.text(), r or "length", len(p))
+            for t, r, p in zip(rows.texts, rows.reasons, prompts, strict=True)
         ]
 
-    def advance(self, text: TextStream, token: int, n: int, params: SamplingParams) -> str | None:
-        """Feed one token to a row; returns its finish reason once it is finished."""
+    def stream(self, prompt: list[int], params: SamplingParams, reuse: PrefixCache | None = None) -> Iterator[str]:
+        """Yield text deltas for one prompt (see `TextStream`)."""
+        rows = Rows(self, [params])
+        for n, step in enumerate(self.decode_steps([prompt], params, reuse), start=1):
+            for _, delta, _ in rows.advance(step.tolist(), n):
+                if delta:
+                    yield delta
+            if rows.done:
+                break
+
+
+class Rows:
+    """The decoding state of a batch's rows: each row's text so far and, once it has finished, why."""
+
+    def __init__(self, engine: Engine, params: list[SamplingParams]):
+        self.stop_ids = engine.stop_ids
+        self.params = params
+        self.texts = [TextStream(engine.tokenizer, p.stop) for p in params]
+        self.reasons: list[str | None] = [None] * len(params)
+
+    @property
+    def done(self) -> bool:
+        return all(r is not None for r in self.reasons)
+
+    def end(self, row: int, reason: str) -> None:
+        """Finish a row from outside (e.g. its client left)."""
+        self.reasons[row] = reason
+
+    def advance(self, step: list[int], n: int) -> Iterator[tuple[int, str, str | None]]:
+        """Feed the `n`-th decoded token of every unfinished row; yields (row, new text, finish reason or None)."""
+        for row, token in enumerate(step):
+            if self.reasons[row] is not None:
+                continue
+            text = self.texts[row]
+            reason = self._finish_reason(text, token, n, self.params[row])
+            self.reasons[row] = reason
+            yield row, (text.take() if reason is None else text.finish()), reason
+
+    def _finish_reason(self, text: TextStream, token: int, n: int, params: SamplingParams) -> str | None:
         if token in self.stop_ids:
             return "stop"
         text.push(token)
         if text.stopped:
             return "stop"
         return "length" if n >= params.max_new_tokens else None
-
-    def stream(self, prompt: list[int], params: SamplingParams, reuse: PrefixCache | None = None) -> Iterator[str]:
-        """Yield text deltas for one prompt (see `TextStream`)."""
-        text = TextStream(self.tokenizer, params.stop)
-        for n, step in enumerate(self.decode_steps([prompt], params, reuse), start=1):
-            token = int(step[0])
-            finished = self.advance(text, token, n, params)
-            delta = text.take()
-            if delta:
-                yield delta
-            if finished:
-                break
-        delta = text.finish()
-        if delta:
-            yield delta
 
 
 class TextStream:

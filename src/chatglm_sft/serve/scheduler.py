@@ -18,7 +18,7 @@ import queue
 import threading
 from dataclasses import dataclass, field
 
-from chatglm_sft.infer.engine import Engine, TextStream
+from chatglm_sft.infer.engine import Engine, Rows
 from chatglm_sft.infer.sampling import SamplingParams
 
 
@@ -84,31 +84,26 @@ class Scheduler:
         job.emit("done", reason)
 
     def _decode(self, batch: list[Job]) -> None:
-        texts = [TextStream(self.engine.tokenizer, job.params.stop) for job in batch]
-        finished: list[str | None] = [None] * len(batch)
+        rows = Rows(self.engine, [job.params for job in batch])
         try:
-            steps = self.engine.decode_steps([job.prompt for job in batch], [job.params for job in batch])
+            steps = self.engine.decode_steps([job.prompt for job in batch], rows.params)
             for n, step in enumerate(steps, start=1):
-                for row, token in enumerate(step.tolist()):
-                    job = batch[row]
-                    if finished[row] is not None:
-                        continue
-                    if job.cancelled:
-                        finished[row] = "cancelled"
+                for row, job in enumerate(batch):
+                    if job.cancelled and rows.reasons[row] is None:
+                        rows.end(row, "cancelled")
                         self._release(job, "cancelled")
-                        continue
-                    finished[row] = self.engine.advance(texts[row], token, n, job.params)
-                    job.completion_tokens = len(texts[row].ids)
-                    delta = texts[row].take() if finished[row] is None else texts[row].finish()
+                for row, delta, reason in rows.advance(step.tolist(), n):
+                    job = batch[row]
+                    job.completion_tokens = len(rows.texts[row].ids)
                     if delta:
                         job.emit("delta", delta)
-                    if finished[row] is not None:
-                        self._release(job, finished[row])
-                if all(f is not None for f in finished):
+                    if reason is not None:
+                        self._release(job, reason)
+                if rows.done:
                     break
         except Exception as e:  # a failed batch must not take the server down: report it to its requests
             for row, job in enumerate(batch):
-                if finished[row] is None:
+                if rows.reasons[row] is None:
                     with self._lock:
                         self._in_system -= 1
                     job.emit("error", f"{type(e).__name__}: {e}")
