@@ -138,6 +138,10 @@ def test_strategy_follows_accelerate_and_refuses_contradictions():
         choose_strategy(config, 2, environ=env)
     with pytest.raises(UserError, match="torchrun"):
         choose_strategy(config, 1, environ={})
+    config.distributed, config.deepspeed_config = "fsdp", "configs/deepspeed/zero2.json"
+    with pytest.raises(UserError, match="deepspeed-config"):
+        choose_strategy(config, 2, environ={"WORLD_SIZE": "2"})
+    config.distributed, config.deepspeed_config = "deepspeed", None
     config.method = "qlora"
     with pytest.raises(UserError, match="qlora"):
         choose_strategy(config, 2, environ={"WORLD_SIZE": "2"})

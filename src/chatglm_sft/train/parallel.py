@@ -44,6 +44,8 @@ def choose_strategy(config: TrainConfig, world: int, environ=os.environ) -> str:
             f"--distributed {chosen} runs under a launcher: torchrun --nproc-per-node N -m chatglm_sft train … "
             "(or accelerate launch)"
         )
+    if config.deepspeed_config and chosen != "deepspeed":
+        raise UserError(f"--deepspeed-config applies to --distributed deepspeed, and this run is {chosen}")
     if chosen in ("fsdp", "deepspeed") and config.method == "qlora":
         raise UserError(f"--method qlora runs with ddp (a 4-bit base per process), not --distributed {chosen}")
     if chosen == "ddp" and world == 1:
