@@ -93,7 +93,7 @@ def run_ours(model_dir: Path, args) -> dict:
             _, count = trainer.train_step(step)
             trainer.optimizer_step(0.0)
             micro, _ = trainer.step_examples(step)
-            tokens += sum(len(x) for batch in micro for x, _ in batch)
+            tokens += sum(len(x) for batch, weight in micro if weight for x, _ in batch)
             answers += count
         seconds = time.perf_counter() - start
     return {"tokens": tokens, "answer_tokens": answers, "seconds": seconds, "peak_rss": peak_rss()}

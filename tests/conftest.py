@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -23,6 +25,11 @@ def pytest_configure(config):
     """A tokenizer cache of this test session's own (see chatglm_sft.tokenization.cache): tests never read entries
     that another version of the code wrote, and the subprocesses they start share it."""
     os.environ["CHATGLM_SFT_CACHE"] = tempfile.mkdtemp(prefix="chatglm-sft-test-cache-")
+
+
+def cli(*args: str, **kw) -> subprocess.CompletedProcess:
+    """`python -m chatglm_sft ARGS` in a real subprocess, output captured as text."""
+    return subprocess.run([sys.executable, "-m", "chatglm_sft", *args], capture_output=True, text=True, **kw)
 
 
 def need_shared(path: Path) -> Path:

@@ -2,16 +2,11 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
-
-def run(*args):
-    return subprocess.run([sys.executable, "-m", "chatglm_sft", *args], capture_output=True, text=True)
+from tests.conftest import cli
 
 
 def test_help_lists_subcommands():
-    out = run("--help")
+    out = cli("--help")
     assert out.returncode == 0
     for command in ("export", "info"):
         assert command in out.stdout
@@ -19,11 +14,11 @@ def test_help_lists_subcommands():
 
 def test_unknown_family_is_one_clear_line(tmp_path):
     (tmp_path / "config.json").write_text("{}")
-    out = run("info", "--model", str(tmp_path), "--family", "gpt-2")
+    out = cli("info", "--model", str(tmp_path), "--family", "gpt-2")
     assert out.returncode == 1
     assert "unknown family 'gpt-2'" in out.stderr and "Traceback" not in out.stderr
 
 
 def test_debug_shows_traceback(tmp_path):
-    out = run("--debug", "info", "--model", str(tmp_path / "absent"))
+    out = cli("--debug", "info", "--model", str(tmp_path / "absent"))
     assert out.returncode != 0 and "Traceback" in out.stderr

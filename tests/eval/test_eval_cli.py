@@ -3,19 +3,17 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import jieba
 import pytest
 from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu
 from rouge_chinese import Rouge
 
-from tests.conftest import DATA, TINY, need_shared
+from tests.conftest import DATA, TINY, cli, need_shared
 
 
 def run(*args):
-    return subprocess.run([sys.executable, "-m", "chatglm_sft", "eval", *args], capture_output=True, text=True)
+    return cli("eval", *args)
 
 
 def write_jsonl(path, rows):
@@ -58,19 +56,19 @@ def direct_thudm_metrics(rows):
     return {k: sum(v) / len(v) for k, v in scores.items()}
 
 
+def score_generation(tmp_path, rows):
+    """`eval --task generation` on `rows` (response and reference fields); metrics land in tmp_path/r.json."""
+    predictions = str(write_jsonl(tmp_path / "p.jsonl", rows))
+    return run(
+        *("--task", "generation", "--predictions", predictions, "--answer-field", "reference"),
+        *("--output", str(tmp_path / "r.json")),
+    )
+
+
 def test_generation_matches_direct_computation(tmp_path):
     records = [json.loads(line) for line in (need_shared(DATA) / "adgen/dev.json").read_text().splitlines()[:30]]
     rows = [{"response": r["summary"][::2] + r["content"][:10], "reference": r["summary"]} for r in records]
-    result = run(
-        "--task",
-        "generation",
-        "--predictions",
-        str(write_jsonl(tmp_path / "p.jsonl", rows)),
-        "--answer-field",
-        "reference",
-        "--output",
-        str(tmp_path / "r.json"),
-    )
+    result = score_generation(tmp_path, rows)
     assert result.returncode == 0, result.stderr
     ours = json.loads((tmp_path / "r.json").read_text())
     for key, value in direct_thudm_metrics(rows).items():
@@ -79,16 +77,7 @@ def test_generation_matches_direct_computation(tmp_path):
 
 def test_empty_side_scores_zero(tmp_path):
     rows = [{"response": "", "reference": "一条裙子"}]
-    result = run(
-        "--task",
-        "generation",
-        "--predictions",
-        str(write_jsonl(tmp_path / "p.jsonl", rows)),
-        "--answer-field",
-        "reference",
-        "--output",
-        str(tmp_path / "r.json"),
-    )
+    result = score_generation(tmp_path, rows)
     assert result.returncode == 0, result.stderr
     assert json.loads((tmp_path / "r.json").read_text())["rouge-1"] == 0
 

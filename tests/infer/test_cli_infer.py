@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 
-from tests.conftest import TINY, need_shared
+from tests.conftest import TINY, cli, need_shared
 
 RECORDS = [
     {"instruction": "你好", "id": 1},
@@ -23,10 +21,6 @@ RECORDS = [
 ]
 
 
-def run(*args, **kw):
-    return subprocess.run([sys.executable, "-m", "chatglm_sft", *args], capture_output=True, text=True, **kw)
-
-
 @pytest.mark.parametrize("name", ["chatglm2-6b-tiny", "chatglm-6b-tiny", "glm-4-9b-chat-tiny"])
 def test_predict_batch_sizes_agree_and_keep_order(tmp_path, name):
     model = need_shared(TINY / name)
@@ -35,7 +29,7 @@ def test_predict_batch_sizes_agree_and_keep_order(tmp_path, name):
     outputs = []
     for batch in (1, 4):
         out = tmp_path / f"out{batch}.jsonl"
-        result = run(
+        result = cli(
             "predict",
             "--model",
             str(model),
@@ -62,14 +56,14 @@ def test_predict_bad_record_names_line(tmp_path):
     model = need_shared(TINY / "chatglm2-6b-tiny")
     data = tmp_path / "in.jsonl"
     data.write_text('{"instruction": "ok"}\n\n{"instruction": 5}\n')
-    result = run("predict", "--model", str(model), "--data", str(data), "--output", str(tmp_path / "o.jsonl"))
+    result = cli("predict", "--model", str(model), "--data", str(data), "--output", str(tmp_path / "o.jsonl"))
     assert result.returncode == 1 and f"{data}:3" in result.stderr and "Traceback" not in result.stderr
 
 
 @pytest.mark.parametrize("name", ["chatglm2-6b-tiny", "chatglm-6b-tiny"])
 def test_chat_answers_twice_and_exits(name):
     model = need_shared(TINY / name)
-    result = run("chat", "--model", str(model), "--max-new-tokens", "8", input="你好\n再说一次\n/exit\n")
+    result = cli("chat", "--model", str(model), "--max-new-tokens", "8", input="你好\n再说一次\n/exit\n")
     assert result.returncode == 0, result.stderr
     answers = [line for line in result.stdout.splitlines() if line.startswith("user> assistant> ")]
     assert len(answers) == 2 and all(len(a) > len("user> assistant> ") for a in answers)
@@ -77,5 +71,5 @@ def test_chat_answers_twice_and_exits(name):
 
 def test_chat_ends_cleanly_on_end_of_input():
     model = need_shared(TINY / "glm-4-9b-chat-tiny")
-    result = run("chat", "--model", str(model), "--max-new-tokens", "4", input="你好\n/clear\n你好\n")
+    result = cli("chat", "--model", str(model), "--max-new-tokens", "4", input="你好\n/clear\n你好\n")
     assert result.returncode == 0 and "history cleared" in result.stdout and "Traceback" not in result.stderr

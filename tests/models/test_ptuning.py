@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -13,7 +11,7 @@ from safetensors.torch import load_file
 import chatglm_sft
 from chatglm_sft.infer.engine import Engine
 from chatglm_sft.infer.sampling import SamplingParams
-from tests.conftest import DATA, TINY, need_shared
+from tests.conftest import DATA, TINY, cli, need_shared
 from tests.models.test_glm_loading import expand_logits
 
 PAIRS = [("chatglm-6b-tiny", "chatglm-6b-tiny-ptuning"), ("chatglm2-6b-tiny", "chatglm2-6b-tiny-ptuning")]
@@ -57,31 +55,24 @@ def test_prefix_in_batches_and_with_the_cache(base, ptuning):
 def test_train_ptuning_and_load_result(tmp_path, base):
     model = need_shared(TINY / base)
     out = tmp_path / "pt"
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "chatglm_sft",
-            "train",
-            "--model",
-            str(model),
-            "--data",
-            str(DATA / "alpaca" / "alpaca_zh_demo.json"),
-            "--max-samples",
-            "16",
-            "--batch-size",
-            "2",
-            "--output",
-            str(out),
-            "--method",
-            "ptuning",
-            "--pre-seq-len",
-            "4",
-            "--max-steps",
-            "4",
-        ],
-        capture_output=True,
-        text=True,
+    result = cli(
+        "train",
+        "--model",
+        str(model),
+        "--data",
+        str(DATA / "alpaca" / "alpaca_zh_demo.json"),
+        "--max-samples",
+        "16",
+        "--batch-size",
+        "2",
+        "--output",
+        str(out),
+        "--method",
+        "ptuning",
+        "--pre-seq-len",
+        "4",
+        "--max-steps",
+        "4",
     )
     assert result.returncode == 0, result.stderr
     config = json.loads((out / "config.json").read_text())
@@ -97,23 +88,16 @@ def test_train_ptuning_and_load_result(tmp_path, base):
 
 def test_qlora_without_cuda_is_a_clear_error(tmp_path):
     model = need_shared(TINY / "chatglm2-6b-tiny")
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "chatglm_sft",
-            "train",
-            "--model",
-            str(model),
-            "--data",
-            str(DATA / "alpaca" / "alpaca_zh_demo.json"),
-            "--output",
-            str(tmp_path / "q"),
-            "--method",
-            "qlora",
-        ],
-        capture_output=True,
-        text=True,
+    result = cli(
+        "train",
+        "--model",
+        str(model),
+        "--data",
+        str(DATA / "alpaca" / "alpaca_zh_demo.json"),
+        "--output",
+        str(tmp_path / "q"),
+        "--method",
+        "qlora",
     )
     if result.returncode == 0:
         pytest.skip("this machine has CUDA and bitsandbytes: QLoRA ran")

@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
 
 import chatglm_sft
 from chatglm_sft.models.quantize import Int4Linear, Int8Linear, weight_bytes
-from tests.conftest import TINY, need_shared
+from tests.conftest import TINY, cli, need_shared
 
 TINY_MODELS = ["chatglm-6b-tiny", "chatglm2-6b-tiny", "glm-4-9b-chat-tiny"]
 
@@ -66,25 +64,18 @@ def test_predict_with_quantize(tmp_path):
     folder = need_shared(TINY / "chatglm2-6b-tiny")
     data = tmp_path / "in.jsonl"
     data.write_text('{"instruction": "你好"}\n{"instruction": "1+1="}\n')
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "chatglm_sft",
-            "predict",
-            "--model",
-            str(folder),
-            "--data",
-            str(data),
-            "--output",
-            str(tmp_path / "out.jsonl"),
-            "--quantize",
-            "int8",
-            "--max-new-tokens",
-            "6",
-        ],
-        capture_output=True,
-        text=True,
+    result = cli(
+        "predict",
+        "--model",
+        str(folder),
+        "--data",
+        str(data),
+        "--output",
+        str(tmp_path / "out.jsonl"),
+        "--quantize",
+        "int8",
+        "--max-new-tokens",
+        "6",
     )
     assert result.returncode == 0, result.stderr
     rows = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]

@@ -20,14 +20,10 @@ from chatglm_sft.errors import UserError
 from chatglm_sft.models.architectures import architecture_of
 from chatglm_sft.train.batching import pack_batch, pad_batch
 from chatglm_sft.train.config import load_config
-from tests.conftest import DATA, TINY, need_shared
+from tests.conftest import DATA, TINY, cli, need_shared
 
 ALPACA = DATA / "alpaca" / "alpaca_zh_demo.json"
 HERE = Path(__file__).parent
-
-
-def cli(*args, **kw):
-    return subprocess.run([sys.executable, "-m", "chatglm_sft", *args], capture_output=True, text=True, **kw)
 
 
 def train_args(model, output, *extra):
@@ -75,35 +71,11 @@ def test_train_refuses_bad_records_then_skips_them(tmp_path):
     model = need_shared(TINY / "chatglm2-6b-tiny")
     data = tmp_path / "d.jsonl"
     data.write_text('{"instruction": "你好", "output": "你好！"}\n{"instruction": 1}\n' * 4)
-    result = cli(
-        "train",
-        "--model",
-        str(model),
-        "--data",
-        str(data),
-        "--output",
-        str(tmp_path / "o"),
-        "--max-steps",
-        "1",
-        "--batch-size",
-        "2",
-    )
+    args = ["train", "--model", str(model), "--data", str(data), "--output", str(tmp_path / "o")]
+    args += ["--max-steps", "1", "--batch-size", "2"]
+    result = cli(*args)
     assert result.returncode == 1 and f"{data}:2" in result.stderr and "Traceback" not in result.stderr
-    result = cli(
-        "train",
-        "--model",
-        str(model),
-        "--data",
-        str(data),
-        "--output",
-        str(tmp_path / "o"),
-        "--max-steps",
-        "1",
-        "--batch-size",
-        "2",
-        "--on-bad-record",
-        "skip",
-    )
+    result = cli(*args, "--on-bad-record", "skip")
     assert result.returncode == 0, result.stderr
     rejected = (tmp_path / "o" / "rejected.jsonl").read_text().splitlines()
     assert len(rejected) == 4 and json.loads(rejected[0])["line"] == 2

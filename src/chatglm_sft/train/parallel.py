@@ -104,7 +104,7 @@ class Strategy:
     def save(self, folder: Path) -> None:
         """Write the trained tensors and optimizer state (called on every process)."""
         if self.main:
-            trainable = {n: p.detach().cpu().contiguous() for n, p in trainable_parameters(self.model)}
+            trainable = {n: t.contiguous() for n, t in self.full_state(trainable_only=True).items()}
             save_file(trainable, str(folder / "trainable.safetensors"))
             state = {"optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict()}
             torch.save(state, folder / "optimizer.pt")
