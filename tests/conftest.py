@@ -1,10 +1,12 @@
-"""Shared fixtures: the reference material in ../shared (skipped with a reason when absent) and tiny checkpoints
-generated in THUDM's layout."""
+"""Shared fixtures: tiny checkpoints of every family and training data that the project generates itself (so behaviour
+tests run on a bare clone), and the reference material in ../shared for the golden comparisons (skipped with a reason
+when absent)."""
 
 from __future__ import annotations
 
 import json
 import os
+import random
 import subprocess
 import sys
 import tempfile
@@ -13,6 +15,11 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import save_file
+
+from chatglm_sft.demo.problems import make_problems
+from chatglm_sft.families import get_family
+from chatglm_sft.models.synthetic import write_tiny_checkpoint
+from chatglm_sft.tokenization.synthetic import sample_texts
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 TINY = SHARED / "reference" / "tiny"
@@ -42,6 +49,47 @@ def need_shared(path: Path) -> Path:
 @pytest.fixture
 def shared():
     return need_shared(SHARED)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """`tiny_checkpoint(family, **shape) -> Path`: a complete THUDM-layout folder of `family` ("chatglm-6b",
+    "chatglm2-6b", "chatglm3-6b", "glm-4-9b-chat") with random weights and a family-shaped tokenizer, built once per
+    session for each distinct set of arguments (see `chatglm_sft.models.synthetic.write_tiny_checkpoint` for the shape
+    options, e.g. ``kv_groups=1``). Shared by every test: copy it before changing anything in it."""
+    built: dict[str, Path] = {}
+
+    def make(family: str, **shape) -> Path:
+        name = get_family(family).name
+        key = name + "".join(f"-{k}={v}" for k, v in sorted(shape.items()))
+        if key not in built:
+            folder = tmp_path_factory.mktemp("tiny") / name
+            built[key] = write_tiny_checkpoint(folder, name, **shape)
+        return built[key]
+
+    return make
+
+
+def alpaca_records(count: int = 40, seed: int = 0) -> list[dict]:
+    """Alpaca-style records, Chinese and English, some with an `input`: arithmetic word problems with their worked
+    answers and generated sentences to repeat."""
+    rng = random.Random(seed)
+    records = []
+    for i, (problem, text) in enumerate(zip(make_problems(count, seed), sample_texts(count, seed), strict=True)):
+        if i % 2 == 0:
+            records.append({"instruction": problem["question"], "input": "", "output": problem["solution"]})
+        else:
+            instruction = rng.choice(["Repeat the text.", "复述下面的内容。", "Copy this sentence:"])
+            records.append({"instruction": instruction, "input": text, "output": text})
+    return records
+
+
+@pytest.fixture(scope="session")
+def tiny_alpaca(tmp_path_factory) -> Path:
+    """A JSON file of 40 generated alpaca-style records (see `alpaca_records`) for training and evaluation tests."""
+    path = tmp_path_factory.mktemp("data") / "tiny_alpaca.json"
+    path.write_text(json.dumps(alpaca_records(), ensure_ascii=False, indent=1), encoding="utf-8")
+    return path
 
 
 def thudm_glm_config(
