@@ -16,7 +16,7 @@ from chatglm_sft.models.architectures import architecture_of
 from chatglm_sft.models.chatglm_v1 import ChatGLMv1Config, ChatGLMv1ForCausalLM
 from chatglm_sft.models.checkpoint import BIN_INDEX, save_sharded
 from chatglm_sft.models.convert_glm import ROPE_BASE
-from chatglm_sft.tokenization.synthetic import vocabulary_in_use, write_tokenizer
+from chatglm_sft.tokenization.synthetic import whole_character_ids, write_tokenizer
 
 
 @dataclass(frozen=True)
@@ -143,9 +143,9 @@ def _save_bin_shards(state: dict[str, torch.Tensor], folder: Path, shards: int) 
 
 
 def _favour_vocabulary(model: PreTrainedModel, in_use: list[int], logit_scale: float = 4.0) -> None:
-    """Make the random model speak the tokenizer's language: the output rows of pieces the tokenizer never produces
-    (its padding) become zero, and the others are scaled so their logits spread with a standard deviation of about
-    `logit_scale`; greedy and sampled tokens then decode to text."""
+    """Make the random model speak the tokenizer's language: the output rows of ids outside `in_use` (padding pieces,
+    lone bytes of multi-byte characters) become zero, and the others are scaled so their logits spread with a
+    standard deviation of about `logit_scale`; greedy tokens then decode to text, and sampled ones mostly do."""
     weight = model.get_output_embeddings().weight
     with torch.no_grad():
         keep = torch.zeros(weight.shape[0], dtype=torch.bool)
@@ -184,6 +184,6 @@ def write_tiny_checkpoint(
     folder = Path(folder)
     tokenizer_file = write_tokenizer(folder, fam, texts)
     model = random_model(_tiny_config(fam, TINY_SHAPES[fam.name] | shape), seed)
-    _favour_vocabulary(model, vocabulary_in_use(fam, tokenizer_file))
+    _favour_vocabulary(model, whole_character_ids(fam, tokenizer_file))
     write_thudm_checkpoint(model.to(dtype), folder, fam.name, shards=2, fmt=PUBLISHED[fam.name].weights)
     return folder

@@ -246,17 +246,28 @@ def write_tokenizer(folder: Path, family: str | Family, texts: list[str] | None 
     return WRITERS[family.tokenizer_kind](Path(folder), family, texts)
 
 
-def _is_padding_rank(token: bytes) -> bool:
-    return len(token) == 6 and min(token) >= 0xF8
-
-
-def vocabulary_in_use(family: Family, tokenizer_file: Path) -> list[int]:
-    """The ids a tokenizer written here can produce: its learnt pieces and the family's special tokens."""
+def whole_character_ids(family: Family, tokenizer_file: Path) -> list[int]:
+    """The ids of a tokenizer written here that decode to whole characters on their own (its learnt pieces, but not
+    its padding nor the bytes of a multi-byte character), and the family's special tokens. A random model that
+    favours these speaks readable text, as a trained model does."""
     if family.tokenizer_kind == "tiktoken":
         lines = Path(tokenizer_file).read_text().splitlines()
-        learnt = [rank for rank, line in enumerate(lines) if not _is_padding_rank(base64.b64decode(line.split()[0]))]
+        tokens = [base64.b64decode(line.split()[0]) for line in lines]
+        whole = [rank for rank, token in enumerate(tokens) if _is_utf8(token)]
     else:
         proto = import_protobuf().ModelProto()
         proto.ParseFromString(Path(tokenizer_file).read_bytes())
-        learnt = [i for i, piece in enumerate(proto.pieces) if piece.type != _UNUSED]
-    return sorted({*learnt, *family.special_tokens.values()})
+        whole = [i for i, p in enumerate(proto.pieces) if p.type != _UNUSED and not _is_high_byte(p)]
+    return sorted({*whole, *family.special_tokens.values()})
+
+
+def _is_utf8(token: bytes) -> bool:
+    try:
+        token.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def _is_high_byte(piece) -> bool:
+    return piece.type == _BYTE and int(piece.piece[3:5], 16) >= 0x80
