@@ -14,7 +14,9 @@ Templates follow THUDM's official `chat()` prompts (see ``NOTES.md`` in the refe
   official `chat()` does; earlier replies are learned through character spans, the last one with ``</s>``.
 * ``chatglm3`` / ``glm-4``: ``[gMASK] sop`` then ``<|role|>{metadata}\\n{content}`` per message, ending with
   ``<|assistant|>`` for generation. ChatGLM3 encodes the header and the content separately, GLM-4 as one string.
-  A reply is learned together with the token that ends it (the next role token, or eos after the last).
+  A reply is learned together with the token that ends it (the next role token, or the end token after the last:
+  eos for ChatGLM3, ``<|user|>`` for GLM-4, as THUDM's fine-tuning does). Tools, calls and tool results reach
+  these templates through the family's tool format (`chatglm_sft.tools.formats`).
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from chatglm_sft.errors import UserError
+from chatglm_sft.families import FAMILIES, Family
+from chatglm_sft.tools.formats import TOOL_FORMATS, uses_tools
 
 IGNORE_INDEX = -100
 ROLES = ("system", "user", "assistant", "observation")
@@ -49,7 +53,7 @@ class Encoded:
 
 
 def check_messages(messages: Sequence[dict], allowed_roles: Sequence[str] = ROLES) -> list[dict]:
-    """Validate OpenAI-style messages; return them as plain dicts with a `content` string."""
+    """Validate family messages; return them as plain dicts with a `content` string (and `loss` when given)."""
     if not isinstance(messages, Sequence) or isinstance(messages, str | bytes):
         raise UserError("messages must be a list of {role, content} objects")
     checked = []
@@ -61,8 +65,29 @@ def check_messages(messages: Sequence[dict], allowed_roles: Sequence[str] = ROLE
             raise UserError(f"message {i}: unknown role {role!r} (expected one of {', '.join(allowed_roles)})")
         if not isinstance(content, str):
             raise UserError(f"message {i}: content must be a string")
-        checked.append({"role": role, "content": content, "metadata": str(m.get("metadata") or "")})
+        message = {"role": role, "content": content, "metadata": str(m.get("metadata") or "")}
+        if "loss" in m:
+            if not isinstance(m["loss"], bool):
+                raise UserError(f"message {i}: loss must be true or false")
+            message["loss"] = m["loss"]
+        checked.append(message)
     return checked
+
+
+def family_messages(family: Family, messages: Sequence[dict], tools: object = None) -> list[dict]:
+    """OpenAI-style messages (and `tools`) as the family's template messages, validated.
+
+    Families with a tool format map tools, calls and results through it (`chatglm_sft.tools.formats`); the others
+    have none, so tools there are an error rather than a prompt that silently lacks them.
+    """
+    if family.tool_format is None:
+        if isinstance(messages, Sequence) and uses_tools(messages, tools):
+            raise UserError(
+                f"{family.name} has no tool-calling format (tools work with "
+                f"{', '.join(f.name for f in FAMILIES.values() if f.tool_format)})"
+            )
+        return check_messages(messages)
+    return check_messages(TOOL_FORMATS[family.tool_format].to_family_messages(messages, tools))
 
 
 def _rounds(messages: list[dict], template: str) -> tuple[str, list[tuple[str, str]], str, str | None]:
@@ -84,7 +109,7 @@ def _rounds(messages: list[dict], template: str) -> tuple[str, list[tuple[str, s
     return system, pairs, contents[-1], None
 
 
-def _render_chatglm6b(messages: list[dict], generation: bool) -> list[Segment]:
+def _render_chatglm6b(messages: list[dict], generation: bool, end: str) -> list[Segment]:
     system, history, query, reply = _rounds(messages, "chatglm-6b")
     if history:
         prompt = "".join(f"[Round {i}]\n问：{q}\n答：{a}\n" for i, (q, a) in enumerate(history))
@@ -96,11 +121,11 @@ def _render_chatglm6b(messages: list[dict], generation: bool) -> list[Segment]:
     segments = [Segment(prompt), Segment(special="[gMASK]"), Segment(special="<sop>")]
     if reply is not None and not generation:
         turn = len(history)
-        segments += [Segment(reply, turn=turn), Segment(special="<eop>", turn=turn)]
+        segments += [Segment(reply, turn=turn), Segment(special=end, turn=turn)]
     return segments
 
 
-def _render_chatglm2(messages: list[dict], generation: bool) -> list[Segment]:
+def _render_chatglm2(messages: list[dict], generation: bool, end: str) -> list[Segment]:
     system, history, query, reply = _rounds(messages, "chatglm2-6b")
     prompt, spans = (f"{system}\n\n" if system else ""), []
     for i, (q, a) in enumerate(history):
@@ -111,46 +136,58 @@ def _render_chatglm2(messages: list[dict], generation: bool) -> list[Segment]:
     segments = [Segment(special="[gMASK]"), Segment(special="sop"), Segment(prompt, spans=tuple(spans))]
     if reply is not None and not generation:
         turn = len(history)
-        segments += [Segment(reply, turn=turn), Segment(special="</s>", turn=turn)]
+        segments += [Segment(reply, turn=turn), Segment(special=end, turn=turn)]
     return segments
 
 
-def _role_token_renderer(prefix: tuple[str, str], eos: str, joined: bool) -> Callable[[list[dict], bool], list]:
-    def render(messages: list[dict], generation: bool) -> list[Segment]:
+def _role_token_renderer(prefix: tuple[str, str], joined: bool) -> Callable[[list[dict], bool, str], list]:
+    def render(messages: list[dict], generation: bool, end: str) -> list[Segment]:
+        # THUDM's fine-tuning convention: a trained assistant message is learned after its role token, together
+        # with the token that follows it (the next role token, or the end token). Consecutive assistant messages
+        # (a thought, then a call) form one reply, so "the last reply" keeps them together.
         segments = [Segment(special=name) for name in prefix]
-        turn, open_reply = -1, None
+        reply, open_reply, previous = -1, None, None
         for m in messages:
             role = m["role"]
             segments.append(Segment(special=f"<|{role}|>", turn=open_reply))
             open_reply = None
             if role == "assistant":
-                turn += 1
-                open_reply = turn
+                reply += previous != "assistant"
+                open_reply = reply if m.get("loss", True) else None
+            previous = role
             header = f"{m['metadata']}\n"
             if joined:
                 segments.append(Segment(header + m["content"], turn=open_reply))
             else:
                 segments += [Segment(header, turn=open_reply), Segment(m["content"], turn=open_reply)]
-        if generation:
-            segments.append(Segment(special="<|assistant|>", turn=open_reply))
-        elif open_reply is not None:
-            segments.append(Segment(special=eos, turn=open_reply))
+        segments.append(Segment(special="<|assistant|>" if generation else end, turn=open_reply))
         return segments
 
     return render
 
 
-TEMPLATES: dict[str, Callable[[list[dict], bool], list[Segment]]] = {
+TEMPLATES: dict[str, Callable[[list[dict], bool, str], list[Segment]]] = {
     "chatglm-6b": _render_chatglm6b,
     "chatglm2-6b": _render_chatglm2,
-    "chatglm3": _role_token_renderer(("[gMASK]", "sop"), "</s>", joined=False),
-    "glm-4": _role_token_renderer(("[gMASK]", "<sop>"), "<|endoftext|>", joined=True),
+    "chatglm3": _role_token_renderer(("[gMASK]", "sop"), joined=False),
+    "glm-4": _role_token_renderer(("[gMASK]", "<sop>"), joined=True),
 }
 
 
-def render(template: str, messages: Sequence[dict], add_generation_prompt: bool) -> list[Segment]:
-    """Render validated messages with the named template."""
-    return TEMPLATES[template](check_messages(messages), add_generation_prompt)
+def _family(family: Family | str) -> Family:
+    """A family record, also from its template name (what older callers pass)."""
+    if isinstance(family, Family):
+        return family
+    return next(f for f in FAMILIES.values() if f.template == family)
+
+
+def render(
+    family: Family | str, messages: Sequence[dict], add_generation_prompt: bool, tools: object = None
+) -> list[Segment]:
+    """Render OpenAI-style messages (and tools) with the family's template."""
+    family = _family(family)
+    messages = family_messages(family, messages, tools)
+    return TEMPLATES[family.template](messages, add_generation_prompt, family.reply_end_token)
 
 
 def _encode_segments(tokenizer, segments: list[Segment], last_turn_only: bool) -> Encoded:
@@ -189,6 +226,7 @@ def encode_conversation(
     add_generation_prompt: bool = False,
     max_length: int | None = None,
     last_turn_only: bool = False,
+    tools: object = None,
 ) -> Encoded:
     """Ids and labels for `messages` with the tokenizer's family template.
 
@@ -197,11 +235,13 @@ def encode_conversation(
     Over `max_length`, the oldest rounds go first (a system message stays); a single round still too long has its
     last reply, then its last user message, shortened as text, so no special-token frame is ever cut.
     """
-    messages = check_messages(messages)
-    template = tokenizer.family.template
+    family = tokenizer.family
+    messages = family_messages(family, messages, tools)
+    template = TEMPLATES[family.template]
 
     def encode(msgs):
-        encoded = _encode_segments(tokenizer, TEMPLATES[template](msgs, add_generation_prompt), last_turn_only)
+        segments = template(msgs, add_generation_prompt, family.reply_end_token)
+        encoded = _encode_segments(tokenizer, segments, last_turn_only)
         if add_generation_prompt:  # a prompt is only context: nothing in it is learned
             encoded.labels = [IGNORE_INDEX] * len(encoded.input_ids)
         return encoded
@@ -249,7 +289,7 @@ def _shorten_last(
     return messages, encoded
 
 
-def render_text(tokenizer, messages: Sequence[dict], add_generation_prompt: bool) -> str:
+def render_text(tokenizer, messages: Sequence[dict], add_generation_prompt: bool, tools: object = None) -> str:
     """The prompt as a string, special tokens written as their names (for display and `tokenize=False`)."""
-    segments = render(tokenizer.family.template, messages, add_generation_prompt)
+    segments = render(tokenizer.family, messages, add_generation_prompt, tools)
     return "".join(s.special if s.special is not None else s.text for s in segments)

@@ -50,6 +50,11 @@ class Family:
     """Whether the official `decode` puts a space between special tokens and text (GLM-4's slow tokenizer does)."""
     fullwidth_punctuation: bool = False
     """Whether the official `chat()` makes half-width , ! : ; ? next to CJK characters full-width (ChatGLM-6B)."""
+    tool_format: str | None = None
+    """Name of the family's tool-calling format in `chatglm_sft.tools.formats.TOOL_FORMATS` (None: no tools)."""
+    end_of_reply_token: str | None = None
+    """Token after a training example's last message when it is not `eos_token` (GLM-4's fine-tuning appends
+    ``<|user|>``, which also stops generation)."""
 
     def id_of(self, token: str) -> int:
         return self.special_tokens[token]
@@ -57,6 +62,14 @@ class Family:
     @property
     def eos_id(self) -> int:
         return self.special_tokens[self.eos_token]
+
+    @property
+    def reply_end_token(self) -> str:
+        return self.end_of_reply_token or self.eos_token
+
+    @property
+    def reply_end_id(self) -> int:
+        return self.special_tokens[self.reply_end_token]
 
     @property
     def stop_ids(self) -> list[int]:
@@ -158,6 +171,7 @@ FAMILIES: dict[str, Family] = {
             template="chatglm3",
             lora_targets=_GLM_LORA,
             recognise=_is_chatglm3,
+            tool_format="chatglm3",
         ),
         Family(
             name="glm-4",
@@ -190,6 +204,8 @@ FAMILIES: dict[str, Family] = {
             recognise=_is_glm4,
             matches_specials_in_text=True,
             space_around_specials_in_decode=True,
+            tool_format="glm-4",
+            end_of_reply_token="<|user|>",
         ),
     ]
 }

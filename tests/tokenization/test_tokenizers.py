@@ -143,7 +143,7 @@ def test_inference_prompt_is_prefix_of_training_ids(name):
         assert all(label == IGNORE_INDEX for label in prompt.labels)
         reply = train.input_ids[len(prompt.input_ids) :]
         assert train.labels[len(prompt.input_ids) :] == reply  # the whole last reply and its end token
-        assert reply[-1] == tok.family.eos_id
+        assert reply[-1] == tok.family.reply_end_id
         assert all(label in (IGNORE_INDEX, i) for label, i in zip(train.labels, train.input_ids, strict=True))
 
 
@@ -178,10 +178,10 @@ def test_truncation_keeps_newest_turns_and_frames(name):
     assert "回答5" in text and "问题0" not in text
     fam = tok.family
     prefix = [fam.id_of(t) for t in fam.prefix_tokens]
-    assert cut.input_ids[: len(prefix)] == prefix and cut.input_ids[-1] == fam.eos_id
+    assert cut.input_ids[: len(prefix)] == prefix and cut.input_ids[-1] == fam.reply_end_id
     long = [{"role": "user", "content": "很长的问题" * 200}, {"role": "assistant", "content": "很长的回答" * 200}]
     short = encode_conversation(tok, long, max_length=64)
-    assert len(short.input_ids) <= 64 and short.input_ids[-1] == fam.eos_id
+    assert len(short.input_ids) <= 64 and short.input_ids[-1] == fam.reply_end_id
 
 
 def test_v1_preprocessing_equals_thudm_replace_loop():

@@ -14,6 +14,7 @@ from chatglm_sft.errors import UserError
 from chatglm_sft.families import Family, detect_family
 from chatglm_sft.tokenization.cache import load_backend
 from chatglm_sft.tokenization.v1 import ChatGLMv1Tokenizer, preprocess
+from chatglm_sft.tools import parse_reply
 
 __all__ = ["load_tokenizer", "ChatGLMTokenizerFast", "ChatGLMv1ChatTokenizer"]
 
@@ -34,14 +35,15 @@ class ConversationMixin:
         return_dict: bool = False,
         return_tensors=None,
         padding: bool = False,
+        tools: list[dict] | None = None,
         **kwargs,
     ):
         batched = bool(conversation) and isinstance(conversation[0], list | tuple)
         conversations = conversation if batched else [conversation]
         if not tokenize:
-            texts = [render_text(self, c, add_generation_prompt) for c in conversations]
+            texts = [render_text(self, c, add_generation_prompt, tools) for c in conversations]
             return texts if batched else texts[0]
-        ids = [encode_conversation(self, c, add_generation_prompt).input_ids for c in conversations]
+        ids = [encode_conversation(self, c, add_generation_prompt, tools=tools).input_ids for c in conversations]
         if return_tensors is None:
             if not return_dict:
                 return ids if batched else ids[0]
@@ -49,6 +51,14 @@ class ConversationMixin:
         # Tensors always carry a batch dimension (left-padded when the conversations differ in length).
         enc = self.pad(BatchEncoding({"input_ids": ids}), padding=True, return_tensors=return_tensors)
         return enc if return_dict else enc["input_ids"]
+
+    def parse_response(self, text: str, tools: list[dict] | None = None) -> dict:
+        """A generated reply as an OpenAI-style assistant message: ``content`` and, for calls, ``tool_calls``.
+
+        Calls are read in the family's tool format (ChatGLM3's ``tool_call(...)`` through `ast`, GLM-4's JSON); with
+        `tools`, only their names count. Anything malformed stays plain content; this never raises on model output.
+        """
+        return parse_reply(self.family, text, tools)[0]
 
 
 class BatchFastPathMixin:
