@@ -1,4 +1,4 @@
-"""`chatglm-sft predict` and `chatglm-sft chat` as real subprocesses."""
+"""`chatglm-sft predict` and `chatglm-sft chat` as real subprocesses on the generated tiny checkpoints."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from tests.conftest import TINY, cli, need_shared
+from tests.conftest import cli
 
 RECORDS = [
     {"instruction": "你好", "id": 1},
@@ -21,9 +21,16 @@ RECORDS = [
 ]
 
 
-@pytest.mark.parametrize("name", ["chatglm2-6b-tiny", "chatglm-6b-tiny", "glm-4-9b-chat-tiny"])
-def test_predict_batch_sizes_agree_and_keep_order(tmp_path, name):
-    model = need_shared(TINY / name)
+@pytest.mark.parametrize(
+    "family",
+    [
+        "chatglm2-6b",
+        pytest.param("chatglm-6b", marks=pytest.mark.slow),
+        pytest.param("glm-4-9b-chat", marks=pytest.mark.slow),
+    ],
+)
+def test_predict_batch_sizes_agree_and_keep_order(tmp_path, tiny_checkpoint, family):
+    model = tiny_checkpoint(family)
     data = tmp_path / "in.jsonl"
     data.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in RECORDS) + "\n\n")
     outputs = []
@@ -52,24 +59,24 @@ def test_predict_batch_sizes_agree_and_keep_order(tmp_path, name):
         assert isinstance(row["response"], str)
 
 
-def test_predict_bad_record_names_line(tmp_path):
-    model = need_shared(TINY / "chatglm2-6b-tiny")
+def test_predict_bad_record_names_line(tmp_path, tiny_checkpoint):
+    model = tiny_checkpoint("chatglm2-6b")
     data = tmp_path / "in.jsonl"
     data.write_text('{"instruction": "ok"}\n\n{"instruction": 5}\n')
     result = cli("predict", "--model", str(model), "--data", str(data), "--output", str(tmp_path / "o.jsonl"))
     assert result.returncode == 1 and f"{data}:3" in result.stderr and "Traceback" not in result.stderr
 
 
-@pytest.mark.parametrize("name", ["chatglm2-6b-tiny", "chatglm-6b-tiny"])
-def test_chat_answers_twice_and_exits(name):
-    model = need_shared(TINY / name)
+@pytest.mark.parametrize("family", ["chatglm2-6b", "chatglm3-6b", "chatglm-6b"])
+def test_chat_answers_twice_and_exits(tiny_checkpoint, family):
+    model = tiny_checkpoint(family)
     result = cli("chat", "--model", str(model), "--max-new-tokens", "8", input="你好\n再说一次\n/exit\n")
     assert result.returncode == 0, result.stderr
     answers = [line for line in result.stdout.splitlines() if line.startswith("user> assistant> ")]
     assert len(answers) == 2 and all(len(a) > len("user> assistant> ") for a in answers)
 
 
-def test_chat_ends_cleanly_on_end_of_input():
-    model = need_shared(TINY / "glm-4-9b-chat-tiny")
+def test_chat_ends_cleanly_on_end_of_input(tiny_checkpoint):
+    model = tiny_checkpoint("glm-4-9b-chat")
     result = cli("chat", "--model", str(model), "--max-new-tokens", "4", input="你好\n/clear\n你好\n")
     assert result.returncode == 0 and "history cleared" in result.stdout and "Traceback" not in result.stderr
