@@ -15,7 +15,7 @@ def test_help_lists_subcommands():
 def test_unknown_family_is_one_clear_line(tmp_path):
     (tmp_path / "config.json").write_text("{}")
     out = cli("info", "--model", str(tmp_path), "--family", "gpt-2")
-    assert out.returncode == 1
+    assert out.returncode == 2
     assert "unknown family 'gpt-2'" in out.stderr and "Traceback" not in out.stderr
 
 

@@ -1,32 +1,39 @@
 """The `chatglm-sft` command line: one subcommand per job, over the library.
 
-Errors the user can fix print one line naming the file and exit 1; `--debug` shows the traceback instead.
+Every command's options are a typed record (`chatglm_sft.options`), built and checked before anything is loaded:
+a bad value prints one line naming the option and exits 2. Other errors the user can fix print one line naming the
+file and exit 1. `--debug` (before or after the command) shows the traceback instead.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from collections.abc import Callable
 
-from chatglm_sft import __version__
+from chatglm_sft import __version__, options
 from chatglm_sft.errors import UserError
+from chatglm_sft.options import OptionError
+from chatglm_sft.train.config import TrainConfig, load_config
+from chatglm_sft.train.config import add_arguments as add_train_arguments
 
 
-def _cmd_export(args: argparse.Namespace) -> int:
+def _cmd_export(opts) -> int:
     from chatglm_sft.models.export import export_model
 
+    model = opts.ref.model
     out = export_model(
-        args.model, args.output, fmt=args.format, adapter=args.adapter, family=args.family, dtype=args.dtype
+        model, opts.output, fmt=opts.format, adapter=opts.adapter, family=opts.ref.family, dtype=opts.dtype
     )
-    print(f"exported {args.model} -> {out} ({args.format})")
+    print(f"exported {model} -> {out} ({opts.format})")
     return 0
 
 
-def _cmd_info(args: argparse.Namespace) -> int:
+def _cmd_info(opts) -> int:
     from chatglm_sft.families import detect_family
 
-    fam = detect_family(args.model, args.family)
+    fam = detect_family(opts.ref.model, opts.ref.family)
     print(
         f"family: {fam.name}\narchitecture: {fam.architecture}\ntemplate: {fam.template}\n"
         f"stop ids: {fam.stop_ids}\nLoRA targets: {', '.join(fam.lora_targets)}"
@@ -34,58 +41,43 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_engine(args: argparse.Namespace):
+def _load_engine(ref, load):
+    """An inference engine for `ref` (ModelRef) loaded as `load` (LoadOptions) says."""
     import chatglm_sft
     from chatglm_sft.infer.engine import Engine
 
     # On the CPU, float32 by default: half-precision kernels there are slow or missing, and only float32 makes a
     # padded batch reproduce each row's greedy output exactly.
-    dtype = args.dtype or ("float32" if str(args.device or "cpu").startswith("cpu") else None)
+    dtype = load.dtype or ("float32" if str(load.device or "cpu").startswith("cpu") else None)
     model = chatglm_sft.load_model(
-        args.model,
+        ref.model,
         dtype=dtype,
-        device=args.device,
-        family=args.family,
-        adapter=args.adapter,
-        quantize=args.quantize,
+        device=load.device,
+        family=ref.family,
+        adapter=load.adapter,
+        quantize=load.quantize,
     )
-    return Engine(model, chatglm_sft.load_tokenizer(args.model, family=args.family))
+    return Engine(model, chatglm_sft.load_tokenizer(ref.model, family=ref.family))
 
 
-def _sampling(args: argparse.Namespace):
-    from chatglm_sft.infer.sampling import SamplingParams
-
-    if args.max_new_tokens <= 0:
-        raise UserError("--max-new-tokens must be positive")
-    return SamplingParams(
-        max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        top_k=args.top_k,
-        repetition_penalty=args.repetition_penalty,
-        stop=tuple(args.stop),
-        seed=args.seed,
-    )
-
-
-def _cmd_predict(args: argparse.Namespace) -> int:
+def _cmd_predict(opts) -> int:
     from chatglm_sft.infer.predict import load_prompts, predict, write_jsonl
 
-    engine = _load_engine(args)
-    records, prompts = load_prompts(engine, args.data, args.format, args.prompt_field)
-    rows, summary = predict(engine, records, prompts, _sampling(args), batch_size=args.batch_size)
-    write_jsonl(rows, args.output)
+    engine = _load_engine(opts.ref, opts.load)
+    records, prompts = load_prompts(engine, opts.data, opts.format, opts.prompt_field)
+    rows, summary = predict(engine, records, prompts, opts.sampling, batch_size=opts.batch_size)
+    write_jsonl(rows, opts.output)
     print(
-        f"{summary.records} records -> {args.output}: {summary.generated_tokens} tokens generated in "
+        f"{summary.records} records -> {opts.output}: {summary.generated_tokens} tokens generated in "
         f"{summary.seconds:.1f} s ({summary.tokens_per_second:.1f} tokens/s)"
     )
     return 0
 
 
-def _cmd_chat(args: argparse.Namespace) -> int:
+def _cmd_chat(opts) -> int:
     from chatglm_sft.infer.chat import ChatSession
 
-    session = ChatSession(_load_engine(args), _sampling(args), system=args.system)
+    session = ChatSession(_load_engine(opts.ref, opts.load), opts.sampling, system=opts.system)
     print("chatglm-sft chat: /clear starts over, /exit (or end of input) quits", flush=True)
     while True:
         try:
@@ -107,246 +99,203 @@ def _cmd_chat(args: argparse.Namespace) -> int:
         print(flush=True)
 
 
-def _cmd_eval(args: argparse.Namespace) -> int:
+def _cmd_eval(opts) -> int:
     from chatglm_sft.eval import runner
 
-    fields = runner.DEFAULT_FIELDS.get(args.task)
-    answer_field = args.answer_field or (fields.answer if fields else None)
-    if args.predictions:
-        if args.task == "loss":
-            raise UserError("--task loss needs --model and --data, not --predictions")
-        rows = runner.read_predictions(args.predictions)
-        metrics, details = runner.score_rows(args.task, rows, answer_field, args.predictions)
+    fields = runner.DEFAULT_FIELDS.get(opts.task)
+    answer_field = opts.answer_field or (fields.answer if fields else None)
+    if opts.predictions:
+        rows = runner.read_predictions(opts.predictions)
+        metrics, details = runner.score_rows(opts.task, rows, answer_field, opts.predictions)
     else:
-        if not (args.model and args.data):
-            raise UserError("pass --predictions FILE, or --model DIR with --data FILE")
-        engine = _load_engine(args)
-        if args.task == "loss":
+        engine = _load_engine(opts.ref, opts.load)
+        if opts.task == "loss":
             from chatglm_sft.eval.loss import answer_loss
 
             examples = runner.loss_examples(
-                engine.tokenizer, args.data, args.format, args.prompt_field, args.answer_field, args.max_length
+                engine.tokenizer, opts.data, opts.format, opts.prompt_field, opts.answer_field, opts.max_length
             )
-            metrics = answer_loss(engine.model, examples, engine.family.pad_id, args.batch_size)
+            metrics = answer_loss(engine.model, examples, engine.family.pad_id, opts.batch_size)
             details = [{"tokens": sum(1 for y in labels if y != -100)} for _, labels in examples]
         else:
             from chatglm_sft.infer.predict import load_prompts, predict
 
-            prompt_field = args.prompt_field or (fields.prompt if args.format in ("auto", "columns") else None)
-            records, prompts = load_prompts(engine, args.data, args.format, prompt_field)
-            rows, _ = predict(engine, records, prompts, _sampling(args), batch_size=args.batch_size)
-            metrics, details = runner.score_rows(args.task, rows, answer_field, args.data)
-    records_path = runner.write_results(metrics, details, args.output)
+            prompt_field = opts.prompt_field or (fields.prompt if opts.format in ("auto", "columns") else None)
+            records, prompts = load_prompts(engine, opts.data, opts.format, prompt_field)
+            rows, _ = predict(engine, records, prompts, opts.sampling, batch_size=opts.batch_size)
+            metrics, details = runner.score_rows(opts.task, rows, answer_field, opts.data)
+    records_path = runner.write_results(metrics, details, opts.output)
     print(runner.format_table(metrics))
-    print(f"metrics -> {args.output}, per-record results -> {records_path}")
+    print(f"metrics -> {opts.output}, per-record results -> {records_path}")
     return 0
 
 
-def _cmd_train(args: argparse.Namespace) -> int:
-    from chatglm_sft.train.config import TrainConfig, load_config
+def _cmd_train(config) -> int:
     from chatglm_sft.train.loop import train
 
-    fields = TrainConfig.__dataclass_fields__
-    overrides = {name: getattr(args, name) for name in fields if getattr(args, name, None) is not None}
-    train(load_config(args.config, overrides))
+    train(config)
     return 0
 
 
-def _cmd_data_check(args: argparse.Namespace) -> int:
+def _cmd_data_check(opts) -> int:
     from chatglm_sft.data.dataset import check_records, format_report, tokenize_records
 
     family = tokenizer = None
-    if args.model:
+    if opts.ref.model:
         import chatglm_sft
         from chatglm_sft.families import detect_family
 
-        family = detect_family(args.model, args.family)
-        tokenizer = chatglm_sft.load_tokenizer(args.model, family=family.name)
-    report = check_records(args.data, args.format, args.prompt_field, args.response_field, family)
+        family = detect_family(opts.ref.model, opts.ref.family)
+        tokenizer = chatglm_sft.load_tokenizer(opts.ref.model, family=family.name)
+    report = check_records(opts.data, opts.format, opts.prompt_field, opts.response_field, family)
     tokenized = None
     if tokenizer is not None:
         conversations = [messages for _, messages in report.good]
-        tokenized = tokenize_records(tokenizer, conversations, args.max_length)
+        tokenized = tokenize_records(tokenizer, conversations, opts.max_length)
     print(format_report(report, tokenized))
     return 1 if report.bad else 0
 
 
-def _cmd_serve(args: argparse.Namespace) -> int:
+def _cmd_serve(opts) -> int:
     import uvicorn
 
     from chatglm_sft.serve.app import create_app
 
-    engine = _load_engine(args)
+    engine = _load_engine(opts.ref, opts.load)
+    server = opts.server
     app = create_app(
         engine,
-        model_name=args.model_name,
-        api_key=args.api_key,
-        max_batch_size=args.max_batch_size,
-        max_queue=args.max_queue,
+        model_name=server.model_name,
+        api_key=opts.api_key,
+        max_batch_size=opts.max_batch_size,
+        max_queue=opts.max_queue,
     )
-    print(f"serving {args.model} as {args.model_name!r} on http://{args.host}:{args.port}", flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    print(f"serving {opts.ref.model} as {server.model_name!r} on http://{server.host}:{server.port}", flush=True)
+    uvicorn.run(app, host=server.host, port=server.port, log_level="warning")
     return 0
 
 
-def _cmd_webui(args: argparse.Namespace) -> int:
+def _cmd_webui(opts) -> int:
     from chatglm_sft.serve.webui import build_ui
 
-    ui = build_ui(_load_engine(args), title=args.model_name)
-    ui.queue().launch(server_name=args.host, server_port=args.port, share=False)
+    server = opts.server
+    ui = build_ui(_load_engine(opts.ref, opts.load), title=server.model_name)
+    ui.queue().launch(server_name=server.host, server_port=server.port, share=False)
     return 0
 
 
-def _cmd_demo(args: argparse.Namespace) -> int:
+def _cmd_demo(opts) -> int:
     from chatglm_sft.demo.run import run_demo
 
-    run_demo(args.output, seed=args.seed)
+    run_demo(opts.output, seed=opts.seed)
     return 0
 
 
-def _add_runtime_args(p: argparse.ArgumentParser) -> None:
-    """How a model is loaded for inference (shared by predict, chat, eval, serve and webui)."""
-    p.add_argument("--adapter", default=None, help="PEFT adapter folder (ours, or LoRA in THUDM's layout)")
-    p.add_argument(
-        "--dtype", default=None, help="float32, bfloat16 or float16 (default: float32 on the CPU, as stored on a GPU)"
-    )
-    p.add_argument("--device", default=None, help="cpu (default), cuda, cuda:1, ...")
-    p.add_argument("--quantize", default=None, choices=["int8", "int4"], help="weight-only quantization")
+# (name, help, function, options record as "module:Class") per command; `data` commands are "data NAME".
+COMMANDS = (
+    (
+        "demo",
+        "the whole pipeline in a few minutes on a CPU: tokenizer, model, training, LoRA, evaluation, predictions "
+        "(no downloads)",
+        _cmd_demo,
+        "chatglm_sft.demo.options:DemoOptions",
+    ),
+    (
+        "export",
+        "write a model as an HF-native folder (default) or in THUDM's layout",
+        _cmd_export,
+        "chatglm_sft.model_options:ExportOptions",
+    ),
+    (
+        "predict",
+        "generate a response for every record of a file",
+        _cmd_predict,
+        "chatglm_sft.infer.options:PredictOptions",
+    ),
+    ("chat", "interactive chat in the terminal, streamed", _cmd_chat, "chatglm_sft.infer.options:ChatOptions"),
+    (
+        "eval",
+        "score predictions: math23k accuracy, ROUGE/BLEU, or answer-token loss",
+        _cmd_eval,
+        "chatglm_sft.eval.options:EvalOptions",
+    ),
+    (
+        "train",
+        "fine-tune (LoRA, full, freeze, P-Tuning v2, QLoRA) on your records",
+        _cmd_train,
+        "chatglm_sft.train.config:TrainConfig",
+    ),
+    (
+        "data check",
+        "validate a record file; exit 1 if any record is bad",
+        _cmd_data_check,
+        "chatglm_sft.data.options:DataCheckOptions",
+    ),
+    (
+        "serve",
+        "OpenAI-compatible HTTP API with batching and streaming",
+        _cmd_serve,
+        "chatglm_sft.serve.options:ServeOptions",
+    ),
+    ("webui", "a gradio chat page", _cmd_webui, "chatglm_sft.serve.options:WebuiOptions"),
+    ("info", "show the detected family of a model folder", _cmd_info, "chatglm_sft.model_options:InfoOptions"),
+)
 
 
-def _add_generation_args(p: argparse.ArgumentParser) -> None:
-    _add_runtime_args(p)
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--repetition-penalty", type=float, default=1.0)
-    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    p.add_argument("--seed", type=int, default=None)
-
-
-def _add_server_args(p: argparse.ArgumentParser, port: int) -> None:
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
-    p.add_argument("--port", type=int, default=port)
-    p.add_argument("--model-name", default="chatglm-sft", help="the model id clients use")
-    _add_runtime_args(p)
-
-
-def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="model folder (THUDM layout or exported by chatglm-sft)")
-    p.add_argument(
-        "--family", default=None, help="override family detection: chatglm-6b, chatglm2-6b, chatglm3-6b or glm-4"
-    )
+def _record(spec: str) -> type:
+    module, name = spec.split(":")
+    return getattr(importlib.import_module(module), name)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = options.ArgumentParser(
         prog="chatglm-sft",
         description="Fine-tune, run, evaluate and serve ChatGLM models (ChatGLM-6B, ChatGLM2/3-6B, GLM-4-9B).",
     )
     parser.add_argument("--version", action="version", version=f"chatglm-sft {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-
-    p = sub.add_parser(
-        "demo",
-        help="the whole pipeline in a few minutes on a CPU: tokenizer, model, training, "
-        "LoRA, evaluation, predictions (no downloads)",
-    )
-    p.add_argument("--output", default="chatglm-sft-demo", help="folder for everything (default ./chatglm-sft-demo)")
-    p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(func=_cmd_demo)
-
-    p = sub.add_parser("export", help="write a model as an HF-native folder (default) or in THUDM's layout")
-    _add_model_args(p)
-    p.add_argument("--output", required=True, help="output folder (must be empty or absent)")
-    p.add_argument("--format", choices=["hf", "thudm"], default="hf", help="hf (default) or thudm")
-    p.add_argument("--adapter", default=None, help="LoRA adapter folder to merge before exporting")
-    p.add_argument(
-        "--dtype",
-        default=None,
-        help="weights dtype: float32, bfloat16 or float16 (default: as stored; float32 when merging an adapter)",
-    )
-    p.set_defaults(func=_cmd_export)
-
-    p = sub.add_parser("predict", help="generate a response for every record of a file")
-    _add_model_args(p)
-    _add_generation_args(p)
-    p.add_argument("--data", required=True, help="JSON / JSONL records (alpaca, sharegpt, or --prompt-field)")
-    p.add_argument("--output", required=True, help="output JSONL: each record plus `response`, in input order")
-    p.add_argument("--format", default="auto", choices=["auto", "alpaca", "sharegpt", "columns"])
-    p.add_argument("--prompt-field", default=None, help="field holding the prompt (columns format)")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.set_defaults(func=_cmd_predict)
-
-    p = sub.add_parser("chat", help="interactive chat in the terminal, streamed")
-    _add_model_args(p)
-    _add_generation_args(p)
-    p.add_argument("--system", default=None, help="system message")
-    p.set_defaults(func=_cmd_chat)
-
-    p = sub.add_parser("eval", help="score predictions: math23k accuracy, ROUGE/BLEU, or answer-token loss")
-    p.add_argument("--task", required=True, choices=["math23k", "generation", "loss"])
-    p.add_argument("--predictions", default=None, help="JSONL with `response` and the answer field: score only")
-    p.add_argument("--model", default=None, help="model folder: generate (or compute the loss) first")
-    p.add_argument("--family", default=None, help="override family detection")
-    p.add_argument("--data", default=None, help="records to evaluate on (with --model)")
-    p.add_argument("--output", required=True, help="metrics JSON; per-record results go beside it")
-    p.add_argument("--format", default="auto", choices=["auto", "alpaca", "sharegpt", "columns"])
-    p.add_argument("--prompt-field", default=None, help="prompt field (default: original_text / content)")
-    p.add_argument(
-        "--answer-field",
-        default=None,
-        help="gold field (default: ans / summary; `reference` for generation predictions files is set with this too)",
-    )
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-length", type=int, default=None, help="truncate examples for --task loss")
-    _add_generation_args(p)
-    p.set_defaults(func=_cmd_eval)
-
-    p = sub.add_parser("train", help="fine-tune (LoRA, full, freeze) on your records")
-    from chatglm_sft.train.config import add_arguments
-
-    add_arguments(p)
-    p.set_defaults(func=_cmd_train)
-
-    p = sub.add_parser("data", help="data tools")
-    data_sub = p.add_subparsers(dest="data_command", metavar="DATA_COMMAND", required=True)
-    p = data_sub.add_parser("check", help="validate a record file; exit 1 if any record is bad")
-    p.add_argument("--data", required=True)
-    p.add_argument("--format", default="auto", choices=["auto", "alpaca", "sharegpt", "columns"])
-    p.add_argument("--prompt-field", default=None)
-    p.add_argument("--response-field", default=None)
-    p.add_argument("--model", default=None, help="also report token lengths with this model's tokenizer")
-    p.add_argument("--family", default=None)
-    p.add_argument("--max-length", type=int, default=1024, help="count examples longer than this")
-    p.set_defaults(func=_cmd_data_check)
-
-    p = sub.add_parser("serve", help="OpenAI-compatible HTTP API with batching and streaming")
-    _add_model_args(p)
-    _add_server_args(p, port=8000)
-    p.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY`")
-    p.add_argument("--max-batch-size", type=int, default=8, help="requests decoded together")
-    p.add_argument("--max-queue", type=int, default=64, help="requests waiting or running; more get 429")
-    p.set_defaults(func=_cmd_serve)
-
-    p = sub.add_parser("webui", help="a gradio chat page")
-    _add_model_args(p)
-    _add_server_args(p, port=7860)
-    p.set_defaults(func=_cmd_webui)
-
-    p = sub.add_parser("info", help="show the detected family of a model folder")
-    _add_model_args(p)
-    p.set_defaults(func=_cmd_info)
+    groups: dict[str, argparse._SubParsersAction] = {}
+    for name, help_text, func, record in COMMANDS:
+        group, _, leaf = name.rpartition(" ")
+        where = sub
+        if group:
+            if group not in groups:
+                g = sub.add_parser(group, help=f"{group} tools")
+                groups[group] = g.add_subparsers(dest=f"{group}_command", metavar=f"{group.upper()}_COMMAND")
+                groups[group].required = True
+            where = groups[group]
+        p = where.add_parser(leaf, help=help_text, description=help_text)
+        # --debug after the command too; SUPPRESS keeps a --debug given before it.
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks for errors")
+        cls = _record(record)
+        if cls is TrainConfig:
+            add_train_arguments(p)
+        else:
+            options.add_options(p, cls)
+        p.set_defaults(func=func, record=cls)
     return parser
+
+
+def read_options(args: argparse.Namespace):
+    """The command's options record from the command line (and a YAML recipe for train), checked: ranges, and
+    that the files and folders it names exist. Nothing has been loaded yet."""
+    if args.record is TrainConfig:
+        return load_config(args.config, options.given(TrainConfig, args), check_paths_exist=True)
+    return options.build(args.record, options.given(args.record, args), check_paths_exist=True)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    func: Callable[[argparse.Namespace], int] = args.func
+    func: Callable = args.func
     try:
-        return func(args)
+        return func(read_options(args))
+    except OptionError as e:
+        if args.debug:
+            raise
+        print(f"chatglm-sft {args.command}: error: {e}", file=sys.stderr)
+        return 2
     except UserError as e:
         if args.debug:
             raise

@@ -2,33 +2,46 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
+
+from chatglm_sft.options import check, option
+
+SEED_MAX = 2**63 - 1
+
+# Below this temperature, logits / temperature overflow (or the softmax underflows to one-hot) in float32; sampling
+# there is greedy in the limit, so it is done greedily.
+MIN_TEMPERATURE = 1e-5
 
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """How to pick tokens and when to stop."""
+    """How to pick tokens and when to stop. Also the generation options of predict, chat, eval, serve and webui:
+    the ranges below are checked on construction (`OptionError` names the option), so the server reuses them."""
 
-    max_new_tokens: int = 256
+    max_new_tokens: int = option(256, ge=1)
     """Upper bound on generated tokens per prompt."""
-    temperature: float = 0.0
+    temperature: float = option(0.0, ge=0)
     """0 means greedy (reproducible); otherwise logits are divided by it before sampling."""
-    top_p: float = 1.0
+    top_p: float = option(1.0, gt=0, le=1)
     """Nucleus sampling: keep the smallest set of tokens whose probability reaches top_p."""
-    top_k: int = 0
+    top_k: int = option(0, ge=0)
     """Keep only the k most likely tokens (0: no limit)."""
-    repetition_penalty: float = 1.0
+    repetition_penalty: float = option(1.0, gt=0)
     """CTRL-style penalty (>1 discourages tokens already in prompt or output)."""
-    stop: tuple[str, ...] = field(default_factory=tuple)
-    """Strings that end generation; the text is cut before them."""
-    seed: int | None = None
-    """Seed for sampling; None draws from torch's global generator."""
+    stop: tuple[str, ...] = option(default_factory=tuple, repeat=True, metavar="TEXT")
+    """Strings that end generation; the text is cut before them (repeatable)."""
+    seed: int | None = option(None, ge=0, le=SEED_MAX)
+    """Seed for sampling; none draws from torch's global generator."""
+
+    def __post_init__(self):
+        check(self)
 
     @property
     def greedy(self) -> bool:
-        return self.temperature <= 0
+        return self.temperature < MIN_TEMPERATURE
 
 
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
@@ -66,4 +79,9 @@ def next_tokens(
     if params.greedy:
         return logits.argmax(-1)
     logits = top_p_filter(top_k_filter(logits / params.temperature, params.top_k), params.top_p)
-    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+    probs = logits.softmax(-1)
+    # A row whose logits overflowed has no valid distribution: take its most likely token (the greedy limit).
+    broken = ~torch.isfinite(probs).all(-1) | (probs.sum(-1) <= 0)
+    if broken.any():
+        probs = torch.where(broken[:, None], F.one_hot(logits.argmax(-1), probs.shape[-1]).to(probs), probs)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)

@@ -67,8 +67,8 @@ def _save_rng(path: Path) -> None:
     torch.save(state, path)
 
 
-def _prune(out: Path, limit: int) -> None:
-    if limit > 0:
+def _prune(out: Path, limit: int | None) -> None:
+    if limit:
         for old in complete_checkpoints(out)[:-limit]:
             shutil.rmtree(old)
 

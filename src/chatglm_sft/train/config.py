@@ -2,86 +2,88 @@
 
 from __future__ import annotations
 
-import ast
 import dataclasses
-import inspect
 from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
-from chatglm_sft.errors import UserError
+from chatglm_sft import options
+from chatglm_sft.options import OptionError, option
 
 METHODS = ("lora", "full", "freeze", "ptuning", "qlora")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 DISTRIBUTED = ("auto", "ddp", "fsdp", "deepspeed")
+SCHEDULERS = ("cosine", "linear", "constant")
+FORMATS = ("auto", "alpaca", "sharegpt", "columns")
+DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclass
 class TrainConfig:
     """Everything `chatglm-sft train` needs; every field is also a `--flag` (underscores become dashes)."""
 
-    model: str = ""
+    model: str = option("", required=True, exists="dir")
     """Base model folder (THUDM layout or HF-native)."""
-    data: str = ""
+    data: str = option("", required=True, exists="file")
     """Training records (JSON array or JSONL; alpaca, sharegpt, or columns with --prompt-field)."""
-    output: str = ""
+    output: str = option("", required=True)
     """Output folder: adapter or model, checkpoints, logs, plots, the resolved config."""
     family: str | None = None
     """Override family detection."""
-    format: str = "auto"
+    format: str = option("auto", choices=FORMATS)
     """Record format: auto, alpaca, sharegpt or columns."""
     prompt_field: str | None = None
     """Prompt field for the columns format (e.g. `content`, `original_text`)."""
     response_field: str | None = None
     """Response field for the columns format (e.g. `summary`, `ans`)."""
-    on_bad_record: str = "error"
+    on_bad_record: str = option("error", choices=("error", "skip"))
     """`error` stops before training; `skip` trains on the good records and writes the rest to rejected.jsonl."""
-    max_samples: int | None = None
+    max_samples: int | None = option(None, ge=1)
     """Use only the first N good records."""
-    max_length: int = 1024
+    max_length: int = option(1024, ge=1)
     """Token limit per example; longer conversations lose their oldest rounds first."""
     last_turn_only: bool = False
     """Learn only the last assistant reply of each conversation (default: every reply)."""
-    eval_split: float = 0.0
-    """Fraction of records held out for evaluation (0: none)."""
-    eval_steps: int = 0
-    """Evaluate every N optimizer steps (0: only at the end when there is a held-out split)."""
-    method: str = "lora"
+    eval_split: float | None = option(None, gt=0, lt=1)
+    """Fraction of records held out for evaluation (default: none)."""
+    eval_steps: int | None = option(None, ge=1)
+    """Evaluate every N optimizer steps (default: only at the end when there is a held-out split)."""
+    method: str = option("lora", choices=METHODS)
     """lora, full, freeze, ptuning (P-Tuning v2) or qlora (4-bit NF4 base + LoRA; needs CUDA and bitsandbytes)."""
-    lora_r: int = 8
+    lora_r: int = option(8, ge=1)
     """LoRA rank."""
-    lora_alpha: int = 16
+    lora_alpha: int = option(16, ge=1)
     """LoRA alpha (the update is scaled by alpha / r)."""
-    lora_dropout: float = 0.05
+    lora_dropout: float = option(0.05, ge=0, lt=1)
     """Dropout on the LoRA input."""
     lora_targets: list[str] | None = None
     """Module names to adapt (default: the family's registry entry)."""
-    freeze_trainable_layers: int = 2
+    freeze_trainable_layers: int = option(2, ge=1)
     """With method freeze: how many of the last layers train."""
-    pre_seq_len: int = 128
+    pre_seq_len: int = option(128, ge=1)
     """With method ptuning: virtual tokens of the P-Tuning v2 prefix."""
     prefix_projection: bool = False
     """With method ptuning: pass the prefix through THUDM's Linear-Tanh-Linear projection."""
-    max_steps: int = 0
-    """Optimizer steps (0: derive from num_epochs)."""
-    num_epochs: float = 1.0
-    """Epochs when max_steps is 0."""
-    batch_size: int = 4
+    max_steps: int | None = option(None, ge=1)
+    """Optimizer steps (default: derived from num_epochs)."""
+    num_epochs: float = option(1.0, gt=0)
+    """Epochs when max_steps is not given."""
+    batch_size: int = option(4, ge=1)
     """Examples per micro-batch per process."""
-    gradient_accumulation_steps: int = 1
+    gradient_accumulation_steps: int = option(1, ge=1)
     """Micro-batches per optimizer step; the loss is averaged over all their answer tokens."""
-    learning_rate: float = 1e-4
+    learning_rate: float = option(1e-4, gt=0)
     """Peak learning rate."""
-    weight_decay: float = 0.0
+    weight_decay: float = option(0.0, ge=0)
     """AdamW weight decay."""
-    warmup_steps: int = 0
+    warmup_steps: int = option(0, ge=0)
     """Linear warm-up steps."""
-    lr_scheduler: str = "cosine"
+    lr_scheduler: str = option("cosine", choices=SCHEDULERS)
     """cosine, linear or constant (after warm-up)."""
-    max_grad_norm: float = 1.0
+    max_grad_norm: float = option(1.0, ge=0)
     """Gradient clipping (0: off)."""
-    precision: str = "auto"
+    precision: str = option("auto", choices=PRECISIONS)
     """auto (bf16 on GPUs that have it and on CPUs with AMX, else fp32), bf16, fp16 or fp32."""
     gradient_checkpointing: bool = False
     """Recompute activations in backward to save memory."""
@@ -89,90 +91,46 @@ class TrainConfig:
     """Pack several examples per row, each attending only to itself with its own positions."""
     group_by_length: bool = True
     """Batch examples of similar length together (less padding)."""
-    seed: int = 42
+    seed: int = option(42, ge=0, le=2**32 - 1)
     """Seed for data order, initialisation of new weights and dropout."""
-    logging_steps: int = 1
+    logging_steps: int = option(1, ge=1)
     """Log every N optimizer steps (log.jsonl, TensorBoard, the progress bar)."""
-    save_steps: int = 0
-    """Write OUTPUT/checkpoint-N every N steps (0: no intermediate checkpoints)."""
-    save_total_limit: int = 0
-    """Keep only the newest N checkpoints (0: keep all)."""
+    save_steps: int | None = option(None, ge=1)
+    """Write OUTPUT/checkpoint-N every N steps (default: no intermediate checkpoints)."""
+    save_total_limit: int | None = option(None, ge=1)
+    """Keep only the newest N checkpoints (default: keep all)."""
     resume: str | None = None
     """`auto` (newest complete checkpoint in OUTPUT, if any) or a checkpoint folder."""
-    max_bad_steps: int = 10
-    """Abort after this many steps with a NaN/Inf loss (each one is skipped)."""
-    dtype: str | None = None
+    max_skipped_steps: int = option(10, ge=0)
+    """Stop when more than this many optimizer steps in a row were skipped for a NaN/Inf loss or gradient."""
+    dtype: str | None = option(None, choices=DTYPES)
     """Dtype of the frozen base weights for LoRA (default float32; bf16 halves memory)."""
     device: str | None = None
     """cpu or cuda (default: cuda when available); multi-process runs use their local rank's GPU."""
-    distributed: str = "auto"
+    distributed: str = option("auto", choices=DISTRIBUTED)
     """Multi-process strategy: ddp, fsdp (FSDP2, sharded weights/gradients/optimizer), deepspeed (ZeRO-2/3); auto
     follows `accelerate launch --use_fsdp/--use_deepspeed` and is ddp otherwise."""
-    deepspeed_config: str | None = None
+    deepspeed_config: str | None = option(None, exists="file")
     """DeepSpeed JSON for --distributed deepspeed (configs/deepspeed/zero2.json or zero3.json; default ZeRO-2)."""
 
 
-def _coerce(name: str, value):
-    hint = {f.name: f.type for f in dataclasses.fields(TrainConfig)}[name]
-    if value is None:
-        return None
-    try:
-        if "list" in hint and isinstance(value, str):
-            return [v for v in value.split(",") if v]
-        if "bool" in hint and isinstance(value, str):
-            return value.lower() in ("1", "true", "yes", "on")
-        if "int" in hint and "float" not in hint and not isinstance(value, bool):
-            return int(value)
-        if "float" in hint:
-            return float(value)
-    except ValueError:
-        raise UserError(f"--{name.replace('_', '-')}: cannot read {value!r}") from None
-    return value
-
-
-def load_config(path: str | Path | None, overrides: dict) -> TrainConfig:
-    """A recipe (if given) with the command-line values on top; unknown keys are errors naming them."""
+def load_config(path: str | Path | None, overrides: dict, check_paths_exist: bool = False) -> TrainConfig:
+    """A recipe (if given) with the command-line values on top, converted and range-checked; unknown keys are
+    errors naming them. With `check_paths_exist`, the model, data and DeepSpeed config must exist too."""
     values = {}
     if path:
         path = Path(path)
         try:
             values = yaml.safe_load(path.read_text()) or {}
         except FileNotFoundError:
-            raise UserError(f"{path}: config file not found") from None
+            raise OptionError(f"--config {path}: no such file") from None
         except yaml.YAMLError as e:
-            raise UserError(f"{path}: not valid YAML ({e})") from None
+            raise OptionError(f"--config {path}: not valid YAML ({' '.join(str(e).split())})") from None
         if not isinstance(values, dict):
-            raise UserError(f"{path}: expected a mapping of options")
-    names = {f.name for f in dataclasses.fields(TrainConfig)}
+            raise OptionError(f"--config {path}: expected a mapping of options")
     values = {k.replace("-", "_"): v for k, v in values.items()}
-    unknown = [k for k in values if k not in names]
-    if unknown:
-        raise UserError(f"{path}: unknown option(s) {', '.join(unknown)}")
     values.update({k: v for k, v in overrides.items() if v is not None})
-    config = TrainConfig()
-    for key, value in values.items():
-        setattr(config, key, _coerce(key, value))
-    validate(config)
-    return config
-
-
-def validate(config: TrainConfig) -> None:
-    for name in ("model", "data", "output"):
-        if not getattr(config, name):
-            raise UserError(f"--{name} is required")
-    if config.method not in METHODS:
-        raise UserError(f"--method must be one of {', '.join(METHODS)}")
-    if config.precision not in PRECISIONS:
-        raise UserError(f"--precision must be one of {', '.join(PRECISIONS)}")
-    if config.distributed not in DISTRIBUTED:
-        raise UserError(f"--distributed must be one of {', '.join(DISTRIBUTED)}")
-    if config.on_bad_record not in ("error", "skip"):
-        raise UserError("--on-bad-record must be error or skip")
-    if config.lr_scheduler not in ("cosine", "linear", "constant"):
-        raise UserError("--lr-scheduler must be cosine, linear or constant")
-    for name in ("batch_size", "gradient_accumulation_steps", "max_length"):
-        if getattr(config, name) <= 0:
-            raise UserError(f"--{name.replace('_', '-')} must be positive")
+    return options.build(TrainConfig, values, source=str(path) if path else None, check_paths_exist=check_paths_exist)
 
 
 def to_dict(config: TrainConfig) -> dict:
@@ -180,22 +138,6 @@ def to_dict(config: TrainConfig) -> dict:
 
 
 def add_arguments(parser) -> None:
-    """One `--flag` per field, default None so that only what the user types overrides the recipe."""
-    parser.add_argument("--config", default=None, help="YAML recipe (see configs/)")
-    docs = _field_docs()
-    for f in dataclasses.fields(TrainConfig):
-        flag = "--" + f.name.replace("_", "-")
-        if "bool" in str(f.type):
-            parser.add_argument(flag, nargs="?", const="true", default=None, help=docs.get(f.name))
-        else:
-            parser.add_argument(flag, default=None, help=docs.get(f.name))
-
-
-def _field_docs() -> dict[str, str]:
-    """Field docstrings, read from the class source: they double as `--help`."""
-    tree = ast.parse(inspect.getsource(TrainConfig))
-    docs, body = {}, tree.body[0].body
-    for node, after in zip(body, body[1:], strict=False):
-        if isinstance(node, ast.AnnAssign) and isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant):
-            docs[node.target.id] = after.value.value.replace("%", "%%")
-    return docs
+    """`--config` and one `--flag` per field."""
+    parser.add_argument("--config", default=None, help="YAML recipe (see configs/); flags override it")
+    options.add_options(parser, TrainConfig)

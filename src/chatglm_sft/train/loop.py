@@ -157,7 +157,7 @@ def load_data(config: TrainConfig, tokenizer, family, out: Path, d: Dist):
     examples = list(zip(input_ids, labels, strict=True))
     order = list(range(len(examples)))
     random.Random(config.seed).shuffle(order)
-    n_eval = int(len(examples) * config.eval_split)
+    n_eval = int(len(examples) * (config.eval_split or 0.0))
     eval_set = [examples[i] for i in sorted(order[:n_eval])]
     train_set = [examples[i] for i in sorted(order[n_eval:])]
     return train_set, eval_set
@@ -292,10 +292,10 @@ class Trainer:
         else:
             self.parallel.skip()
         self.state.bad_steps += 1
-        if self.state.bad_steps > self.config.max_bad_steps:
+        if self.state.bad_steps > self.config.max_skipped_steps:
             raise UserError(
-                f"loss or gradients were NaN/Inf in {self.state.bad_steps} steps (more than --max-bad-steps "
-                f"{self.config.max_bad_steps}); lower the learning rate or use --precision fp32"
+                f"loss or gradients were NaN/Inf in {self.state.bad_steps} steps (more than --max-skipped-steps "
+                f"{self.config.max_skipped_steps}); lower the learning rate or use --precision fp32"
             )
         return False
 
