@@ -138,20 +138,17 @@ def _cmd_train(config) -> int:
 
 
 def _cmd_data_check(opts) -> int:
-    from chatglm_sft.data.dataset import check_records, format_report, tokenize_records
+    from chatglm_sft.data.dataset import check_records, count_tokens, format_report
 
-    family = tokenizer = None
+    family = tokenized = on_good = None
     if opts.ref.model:
         import chatglm_sft
         from chatglm_sft.families import detect_family
 
         family = detect_family(opts.ref.model, opts.ref.family)
         tokenizer = chatglm_sft.load_tokenizer(opts.ref.model, family=family.name)
-    report = check_records(opts.data, opts.format, opts.prompt_field, opts.response_field, family)
-    tokenized = None
-    if tokenizer is not None:
-        conversations = [messages for _, messages in report.good]
-        tokenized = tokenize_records(tokenizer, conversations, opts.max_length)
+        tokenized, on_good = count_tokens(tokenizer, opts.max_length)
+    report = check_records(opts.data, opts.format, opts.prompt_field, opts.response_field, family, on_good)
     print(format_report(report, tokenized))
     return 1 if report.bad else 0
 

@@ -2,14 +2,19 @@
 
 `check_records` sorts every record of a file into good conversations and bad records (file, line, reason);
 `tokenize_records` turns good ones into `input_ids`/`labels` through the conversation encoder and reports lengths.
-The tokenized set is cached with `datasets` under the output folder, keyed by the data and the settings.
+The tokenized set is cached with `datasets` under the output folder, keyed by everything that shapes the ids (the
+data, the tokenizer files, family and template, the settings and the encoder's code). One pass over the file; a
+caller that needs only counts never holds the records (`on_good`, `count_tokens`).
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import importlib.util
 import json
 import statistics
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,8 +40,9 @@ class DataReport:
     file: str
     read: int = 0
     good: list[tuple[int, list[dict]]] = field(default_factory=list)
-    """(line, messages) of every usable record, in file order."""
+    """(line, messages) of every usable record, in file order (empty when they were handed on instead)."""
     bad: list[BadRecord] = field(default_factory=list)
+    good_count: int = 0
 
 
 def check_records(
@@ -45,8 +51,11 @@ def check_records(
     prompt_field: str | None = None,
     response_field: str | None = None,
     family: Family | None = None,
+    on_good: Callable[[int, list[dict]], None] | None = None,
 ) -> DataReport:
-    """Read and validate every record; with a family, also check its chat template accepts the conversation."""
+    """Read and validate every record in one pass; with a family, also check its chat template accepts the
+    conversation. Good records are kept in `report.good`, or, with `on_good(line, messages)`, handed on instead (so a
+    caller that only needs their lengths never holds them all)."""
     report = DataReport(str(path))
     for record in read_records(path):
         report.read += 1
@@ -64,7 +73,11 @@ def check_records(
         except (RecordError, UserError) as e:
             report.bad.append(BadRecord(str(path), record.line, str(e), record.data))
             continue
-        report.good.append((record.line, messages))
+        report.good_count += 1
+        if on_good is None:
+            report.good.append((record.line, messages))
+        else:
+            on_good(record.line, messages)
     return report
 
 
@@ -81,7 +94,7 @@ class Tokenized:
 
 
 def tokenize_records(
-    tokenizer, conversations: list[list[dict]], max_length: int, last_turn_only: bool = False
+    tokenizer, conversations: Iterable[list[dict]], max_length: int, last_turn_only: bool = False
 ) -> Tokenized:
     ids, labels, lengths = [], [], []
     for messages in conversations:
@@ -92,6 +105,17 @@ def tokenize_records(
         ids.append(full.input_ids)
         labels.append(full.labels)
     return Tokenized(ids, labels, lengths, max_length)
+
+
+def count_tokens(tokenizer, max_length: int) -> tuple[Tokenized, Callable[[int, list[dict]], None]]:
+    """A `Tokenized` that records only lengths, and the `on_good` callback of `check_records` that fills it: the
+    token counts of a whole file without holding its records or ids."""
+    lengths: list[int] = []
+
+    def count(_line: int, messages: list[dict]) -> None:
+        lengths.append(len(encode_conversation(tokenizer, messages).input_ids))
+
+    return Tokenized([], [], lengths, max_length), count
 
 
 def length_summary(lengths: list[int]) -> str:
@@ -107,7 +131,7 @@ def format_report(report: DataReport, tokenized: Tokenized | None = None, shown:
     lines = [
         f"file: {report.file}",
         f"records read: {report.read}",
-        f"good: {len(report.good)}",
+        f"good: {report.good_count}",
         f"bad: {len(report.bad)}",
     ]
     lines += [f"  {bad}" for bad in report.bad[:shown]]
@@ -131,10 +155,58 @@ def write_rejected(bad: list[BadRecord], path: Path) -> None:
             )
 
 
-def cache_key(data_path: str | Path, settings: dict) -> str:
-    digest = hashlib.sha256(Path(data_path).read_bytes())
-    digest.update(json.dumps(settings, sort_keys=True).encode())
+ENCODER_MODULES = (
+    "chatglm_sft.conversation",
+    "chatglm_sft.families",
+    "chatglm_sft.data.dataset",
+    "chatglm_sft.data.formats",
+    "chatglm_sft.data.readers",
+    "chatglm_sft.tools.formats",
+    "chatglm_sft.tokenization",
+)
+"""The code that turns a record into ids: any change to it gives tokenized data a new cache key."""
+
+
+def cache_key(data_path: str | Path, tokenizer_dir: str | Path, family: Family, settings: dict) -> str:
+    """A key that changes with the data file's content, the tokenizer's files, the family and its template, the
+    settings (max_length and the others that shape the examples) and the encoder's code."""
+    digest = hashlib.sha256()
+    _hash_file(digest, Path(data_path))
+    for path in tokenizer_files(Path(tokenizer_dir), family):
+        digest.update(path.name.encode())
+        _hash_file(digest, path)
+    digest.update(
+        json.dumps({"family": family.name, "template": family.template, **settings}, sort_keys=True).encode()
+    )
+    digest.update(encoder_digest().encode())
     return digest.hexdigest()[:16]
+
+
+def tokenizer_files(folder: Path, family: Family) -> list[Path]:
+    """The files of `folder` a tokenizer is built from: the family's tokenizer file and every *token* file."""
+    return sorted(
+        p for p in folder.iterdir() if p.is_file() and (p.name == family.tokenizer_file or "token" in p.name)
+    )
+
+
+@functools.cache
+def encoder_digest() -> str:
+    digest = hashlib.sha256()
+    for name in ENCODER_MODULES:
+        spec = importlib.util.find_spec(name)
+        if spec is None or spec.origin is None:
+            continue
+        origin = Path(spec.origin)
+        files = sorted(origin.parent.glob("*.py")) if origin.name == "__init__.py" else [origin]
+        for path in files:
+            _hash_file(digest, path)
+    return digest.hexdigest()
+
+
+def _hash_file(digest, path: Path) -> None:
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
 
 
 def cached_tokenized(cache_dir: Path, key: str, build) -> tuple[list[list[int]], list[list[int]]]:

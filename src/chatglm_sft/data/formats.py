@@ -1,7 +1,8 @@
 """Record files and record formats.
 
-Files: a JSON array, JSON Lines, or JSON objects one after another (Math23K's test file); every record keeps the
-line where it starts so errors can name it. Formats turn a record into OpenAI-style messages:
+Files (read by `chatglm_sft.data.readers`): a JSON array, JSON Lines, or JSON objects one after another (Math23K's
+test file); every record keeps the line where it starts so errors can name it. Formats turn a record into
+OpenAI-style messages:
 
 * ``alpaca``: ``instruction``, ``input``, ``output``, optional ``history`` ([[query, reply], ...]) and ``system``;
   the user turn is ``instruction`` then a newline then ``input`` (the same in training and inference);
@@ -13,10 +14,7 @@ line where it starts so errors can name it. Formats turn a record into OpenAI-st
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass
-from pathlib import Path
-
+from chatglm_sft.data.readers import Record, read_records  # noqa: F401  (the record files' reader)
 from chatglm_sft.errors import UserError
 
 FORMATS = ("auto", "alpaca", "sharegpt", "columns")
@@ -33,81 +31,8 @@ _SHAREGPT_ROLES = {
 }
 
 
-@dataclass
-class Record:
-    line: int
-    """1-based line where the record starts."""
-    data: object
-    """The parsed JSON value (a dict when well-formed)."""
-    error: str | None = None
-    """Why the record could not be parsed, if it could not."""
-
-
 class RecordError(ValueError):
     """A record that does not fit its format; the message says which field and why."""
-
-
-def read_records(path: str | Path) -> list[Record]:
-    """All records of a JSON array, JSONL or concatenated-JSON file; unparsable JSONL lines become error records."""
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise UserError(f"{path}: file not found") from None
-    except UnicodeDecodeError as e:
-        raise UserError(f"{path}: not UTF-8 text ({e})") from None
-    stripped = text.lstrip()
-    if stripped.startswith("["):
-        return _read_array(path, text)
-    return _read_stream(text)
-
-
-def _line_of(text: str, offset: int) -> int:
-    return text.count("\n", 0, offset) + 1
-
-
-def _read_array(path: Path, text: str) -> list[Record]:
-    decoder = json.JSONDecoder()
-    start = text.index("[") + 1
-    records: list[Record] = []
-    pos = start
-    while True:
-        while pos < len(text) and text[pos] in " \t\r\n,":
-            pos += 1
-        if pos >= len(text):
-            raise UserError(f"{path}:{_line_of(text, pos)}: JSON array is not closed")
-        if text[pos] == "]":
-            return records
-        try:
-            value, end = decoder.raw_decode(text, pos)
-        except json.JSONDecodeError as e:
-            raise UserError(
-                f"{path}:{_line_of(text, e.pos)}: invalid JSON ({e.msg}); the array cannot be read past this point"
-            ) from None
-        records.append(Record(_line_of(text, pos), value))
-        pos = end
-
-
-def _read_stream(text: str) -> list[Record]:
-    """JSON Lines, or JSON values one after another over several lines; blank lines are fine."""
-    decoder = json.JSONDecoder()
-    records: list[Record] = []
-    pos = 0
-    while pos < len(text):
-        while pos < len(text) and text[pos] in " \t\r\n":
-            pos += 1
-        if pos >= len(text):
-            break
-        try:
-            value, end = decoder.raw_decode(text, pos)
-            records.append(Record(_line_of(text, pos), value))
-            pos = end
-        except json.JSONDecodeError as e:
-            line_end = text.find("\n", pos)
-            line_end = len(text) if line_end < 0 else line_end
-            records.append(Record(_line_of(text, pos), None, f"invalid JSON ({e.msg})"))
-            pos = line_end + 1
-    return records
 
 
 def detect_format(data: dict) -> str:

@@ -151,7 +151,8 @@ def load_data(config: TrainConfig, tokenizer, family, out: Path, d: Dist):
 
     if d.world > 1 and not d.main:
         dist.barrier()  # let rank 0 build the cache first
-    input_ids, labels = cached_tokenized(cache_dir, cache_key(config.data, settings), build)
+    key = cache_key(config.data, config.model, family, settings)
+    input_ids, labels = cached_tokenized(cache_dir, key, build)
     if d.world > 1 and d.main:
         dist.barrier()
     examples = list(zip(input_ids, labels, strict=True))
