@@ -153,6 +153,19 @@ def _cmd_data_check(opts) -> int:
     return 1 if report.bad else 0
 
 
+def _cmd_data_tokenize(opts) -> int:
+    import chatglm_sft
+    from chatglm_sft.data.dataset import check_records, format_report
+    from chatglm_sft.data.tokenize import write_tokenized
+
+    tokenizer = chatglm_sft.load_tokenizer(opts.ref.model, family=opts.ref.family)
+    report = check_records(opts.data, opts.format, opts.prompt_field, opts.response_field, tokenizer.family)
+    written = write_tokenized(tokenizer, report, opts.output, last_turn_only=opts.train_on == "last")
+    print(format_report(report))
+    print(f"{written} records -> {opts.output}")
+    return 1 if report.bad else 0
+
+
 def _cmd_serve(opts) -> int:
     import uvicorn
 
@@ -227,6 +240,12 @@ COMMANDS = (
         "validate a record file; exit 1 if any record is bad",
         _cmd_data_check,
         "chatglm_sft.data.options:DataCheckOptions",
+    ),
+    (
+        "data tokenize",
+        "write each record's input_ids and labels (what training learns) as JSONL",
+        _cmd_data_tokenize,
+        "chatglm_sft.data.options:DataTokenizeOptions",
     ),
     (
         "serve",

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from chatglm_sft.conversation import encode_conversation, render
 from chatglm_sft.data.formats import RecordError, read_records, to_messages
+from chatglm_sft.data.tool_formats import check_ending
 from chatglm_sft.errors import UserError
 from chatglm_sft.families import Family
 
@@ -64,12 +65,9 @@ def check_records(
             continue
         try:
             messages = to_messages(record.data, fmt, prompt_field, response_field, need_reply=True)
-            if messages[-1]["role"] != "assistant":
-                raise RecordError("the conversation does not end with an assistant reply to learn")
-            if not messages[-1]["content"].strip():
-                raise RecordError("the last assistant reply is empty")
+            check_ending(messages)
             if family is not None:
-                render(family.template, messages, add_generation_prompt=False)
+                render(family, messages, add_generation_prompt=False)
         except (RecordError, UserError) as e:
             report.bad.append(BadRecord(str(path), record.line, str(e), record.data))
             continue

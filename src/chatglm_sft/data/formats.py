@@ -17,7 +17,8 @@ from __future__ import annotations
 from chatglm_sft.data.readers import Record, read_records  # noqa: F401  (the record files' reader)
 from chatglm_sft.errors import UserError
 
-FORMATS = ("auto", "alpaca", "sharegpt", "columns")
+FORMATS = ("auto", "alpaca", "sharegpt", "columns", "openai-tools", "sharegpt-tools", "chatglm3-tools", "glm4-tools")
+"""The last four are the tool record formats of `chatglm_sft.data.tool_formats`."""
 _SHAREGPT_ROLES = {
     "human": "user",
     "user": "user",
@@ -152,7 +153,12 @@ def to_messages(
         if not prompt_field:
             raise RecordError("the columns format needs --prompt-field")
         return _columns(data, prompt_field, response_field, need_reply)
-    fmt = detect_format(data) if fmt == "auto" else fmt
+    from chatglm_sft.data import tool_formats  # it builds on this module's RecordError
+
+    if fmt == "auto":
+        fmt = tool_formats.detect(data) or detect_format(data)
+    if fmt in tool_formats.FORMATS:
+        return tool_formats.to_messages(data, fmt)
     if fmt == "alpaca":
         return _alpaca(data, need_reply)
     if fmt == "sharegpt":

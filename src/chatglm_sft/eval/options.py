@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from chatglm_sft.data.formats import FORMATS
 from chatglm_sft.infer.sampling import SamplingParams
 from chatglm_sft.model_options import LoadOptions, OptionalModelRef
 from chatglm_sft.options import OptionError, option
 
 TASKS = ("math23k", "generation", "loss")
-FORMATS = ("auto", "alpaca", "sharegpt", "columns")
 
 
 @dataclass

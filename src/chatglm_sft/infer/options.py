@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from chatglm_sft.data.formats import FORMATS
 from chatglm_sft.infer.sampling import SamplingParams
 from chatglm_sft.model_options import LoadOptions, ModelRef
 from chatglm_sft.options import option
-
-FORMATS = ("auto", "alpaca", "sharegpt", "columns")
 
 
 @dataclass

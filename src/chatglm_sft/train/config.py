@@ -9,13 +9,13 @@ from pathlib import Path
 import yaml
 
 from chatglm_sft import options
+from chatglm_sft.data.formats import FORMATS
 from chatglm_sft.options import OptionError, option
 
 METHODS = ("lora", "full", "freeze", "ptuning", "qlora")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 DISTRIBUTED = ("auto", "ddp", "fsdp", "deepspeed")
 SCHEDULERS = ("cosine", "linear", "constant")
-FORMATS = ("auto", "alpaca", "sharegpt", "columns")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -43,8 +43,8 @@ class TrainConfig:
     """Use only the first N good records."""
     max_length: int = option(1024, ge=1)
     """Token limit per example; longer conversations lose their oldest rounds first."""
-    last_turn_only: bool = False
-    """Learn only the last assistant reply of each conversation (default: every reply)."""
+    train_on: str = option("all", choices=("all", "last"))
+    """Which assistant replies are learned: all (default; each with the token after it) or the last one."""
     eval_split: float | None = option(None, gt=0, lt=1)
     """Fraction of records held out for evaluation (default: none)."""
     eval_steps: int | None = option(None, ge=1)

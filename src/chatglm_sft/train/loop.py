@@ -129,7 +129,7 @@ def load_data(config: TrainConfig, tokenizer, family, out: Path, d: Dist):
     settings = {
         "family": family.name,
         "max_length": config.max_length,
-        "last_turn_only": config.last_turn_only,
+        "train_on": config.train_on,
         "format": config.format,
         "prompt_field": config.prompt_field,
         "response_field": config.response_field,
@@ -140,7 +140,7 @@ def load_data(config: TrainConfig, tokenizer, family, out: Path, d: Dist):
     cache_dir.mkdir(parents=True, exist_ok=True)
 
     def build():
-        tokenized = tokenize_records(tokenizer, conversations, config.max_length, config.last_turn_only)
+        tokenized = tokenize_records(tokenizer, conversations, config.max_length, config.train_on == "last")
         if tokenized.truncated:
             _say(
                 d,
