@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import re
@@ -12,6 +13,7 @@ from pathlib import Path
 import torch
 
 from chatglm_sft.errors import UserError
+from chatglm_sft.train.methods import METHODS
 
 _CHECKPOINT = re.compile(r"checkpoint-(\d+)")
 
@@ -19,7 +21,9 @@ _CHECKPOINT = re.compile(r"checkpoint-(\d+)")
 @dataclass
 class TrainState:
     step: int = 0
-    bad_steps: int = 0
+    skipped_steps: int = 0
+    """Steps skipped for a NaN/Inf loss or gradient (each still consumed its data)."""
+    skipped_in_a_row: int = 0
     history: list[dict] = field(default_factory=list)
     """Every log entry so far (train and eval), carried in checkpoints so a resumed log is whole."""
 
@@ -41,12 +45,13 @@ def save(trainer) -> Path:
     _barrier(d)
     trainer.parallel.save(tmp)
     _save_rng(tmp / f"rng-{d.rank}.pt")
-    adapter = trainer.parallel.full_state(trainable_only=True) if trainer.config.method == "lora" else None
+    adapter = trainer.parallel.full_state(trainable_only=True) if METHODS[trainer.config.method].adapter else None
     if d.main:
         if adapter is not None:
             trainer.model.save_pretrained(tmp, state_dict=adapter)  # a usable adapter as well
         torch.save({"scheduler": trainer.scheduler.state_dict()}, tmp / "scheduler.pt")
-        (tmp / "trainer_state.json").write_text(json.dumps(asdict(trainer.state)))
+        state = asdict(trainer.state) | {"run": run_identity(trainer)}
+        (tmp / "trainer_state.json").write_text(json.dumps(state))
     _barrier(d)
     if d.main:
         tmp.rename(final)
@@ -73,6 +78,51 @@ def _prune(out: Path, limit: int | None) -> None:
             shutil.rmtree(old)
 
 
+def run_identity(trainer) -> dict:
+    """What must be the same for a resumed run to continue the one that wrote the checkpoint."""
+    c = trainer.config
+    return {
+        "batch_size": c.batch_size,
+        "gradient_accumulation_steps": c.gradient_accumulation_steps,
+        "world_size": trainer.d.world,
+        "method": c.method,
+        "model": model_fingerprint(Path(c.model)),
+        "data": file_digest(Path(c.data)),
+    }
+
+
+def model_fingerprint(folder: Path) -> str:
+    """The model's config and the names and sizes of its files (cheap: weights are not read)."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.iterdir() if p.is_file()):
+        digest.update(f"{path.name}:{path.stat().st_size};".encode())
+        if path.suffix == ".json":
+            digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+def check_same_run(folder: Path, saved: dict | None, current: dict) -> None:
+    """Refuse to resume, naming every difference, when the checkpoint was written by another kind of run."""
+    if saved is None:
+        raise UserError(f"{folder}: the checkpoint does not record its run settings (written by an older version)")
+    labels = {"model": "model files", "data": "data file content"}
+    differences = [
+        f"{labels.get(key, '--' + key.replace('_', '-'))} {saved.get(key)} -> {value}"
+        for key, value in current.items()
+        if saved.get(key) != value
+    ]
+    if differences:
+        raise UserError(f"cannot resume from {folder}: this run differs from it: " + "; ".join(differences))
+
+
 def resume(trainer) -> int:
     """Restore from `--resume auto|DIR`; returns the step to continue from (0 when auto finds nothing)."""
     choice = trainer.config.resume
@@ -85,14 +135,18 @@ def resume(trainer) -> int:
         folder = Path(choice)
         if not (folder / "trainer_state.json").is_file():
             raise UserError(f"{folder}: not a complete checkpoint (no trainer_state.json)")
-    trainer.parallel.load(folder)
-    schedule = torch.load(folder / "scheduler.pt", weights_only=False)
-    trainer.scheduler.load_state_dict(schedule["scheduler"])
     state = json.loads((folder / "trainer_state.json").read_text())
-    trainer.state.step, trainer.state.bad_steps = state["step"], state["bad_steps"]
+    check_same_run(folder, state.get("run"), run_identity(trainer))
+    trainer.parallel.load(folder)
+    # Tensors and plain values only (weights_only): nothing in a checkpoint runs code when it is read.
+    schedule = torch.load(folder / "scheduler.pt", weights_only=True)
+    trainer.scheduler.load_state_dict(schedule["scheduler"])
+    trainer.state.step = state["step"]
+    trainer.state.skipped_steps = state.get("skipped_steps", 0)
+    trainer.state.skipped_in_a_row = state.get("skipped_in_a_row", 0)
     trainer.state.history = state["history"]
     rank_rng = folder / f"rng-{trainer.d.rank}.pt"
-    rng = torch.load(rank_rng if rank_rng.is_file() else folder / "rng-0.pt", weights_only=False)
+    rng = torch.load(rank_rng if rank_rng.is_file() else folder / "rng-0.pt", weights_only=True)
     random.setstate(rng["python"])
     torch.set_rng_state(rng["torch"])
     if "cuda" in rng and torch.cuda.is_available():
@@ -127,7 +181,7 @@ class Log:
             f.write(json.dumps(entry) + "\n")
         if self.writer is not None:
             for key, value in entry.items():
-                if key != "step":
+                if key != "step" and isinstance(value, int | float):
                     self.writer.add_scalar(key if key.startswith("eval") else f"train/{key}", value, entry["step"])
 
     def plot(self) -> None:

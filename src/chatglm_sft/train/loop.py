@@ -36,7 +36,7 @@ from chatglm_sft.models.architectures import architecture_of
 from chatglm_sft.train import checkpoints
 from chatglm_sft.train.batching import epoch_order, pack_batch, pad_batch
 from chatglm_sft.train.config import TrainConfig, to_dict
-from chatglm_sft.train.methods import check_qlora_support, prepare_model, save_result, trainable_only
+from chatglm_sft.train.methods import METHODS, prepare_model, save_result, trainable_only
 from chatglm_sft.train.parallel import STRATEGY_CLASSES, choose_strategy
 
 
@@ -173,8 +173,7 @@ class Trainer:
         self.config = config
         self.d, strategy = setup_distributed(config)
         self.out = Path(config.output)
-        if config.method == "qlora":
-            check_qlora_support(self.d.device)
+        METHODS[config.method].check_device(self.d.device)
         if self.d.main:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "train_config.yaml").write_text(yaml.safe_dump(to_dict(config), allow_unicode=True))
@@ -185,10 +184,8 @@ class Trainer:
         self.tokenizer = chatglm_sft.load_tokenizer(config.model, family=self.family.name)
         self.train_set, self.eval_set = load_data(config, self.tokenizer, self.family, self.out, self.d)
         self.autocast = resolve_precision(config.precision, self.d.device)
-        base_dtype = {"lora": config.dtype, "ptuning": config.dtype, "qlora": "bfloat16"}.get(config.method, "float32")
-        model = chatglm_sft.load_model(
-            config.model, dtype=base_dtype or "float32", device=self.d.device, family=self.family.name
-        )
+        base_dtype = METHODS[config.method].base_dtype(config)
+        model = chatglm_sft.load_model(config.model, dtype=base_dtype, device=self.d.device, family=self.family.name)
         if config.gradient_checkpointing:
             model.activation_checkpointing_enable()
             model.enable_input_require_grads()

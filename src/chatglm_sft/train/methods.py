@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -55,44 +57,62 @@ def quantize_nf4(model):
 
 
 def prepare_model(model, config: TrainConfig, family: Family):
-    """Make only the method's parameters trainable; LoRA wraps the model in PEFT."""
-    if config.method == "ptuning":
-        if config.pre_seq_len <= 0:
-            raise UserError("--pre-seq-len must be positive")
-        for p in model.parameters():
-            p.requires_grad_(False)
-        arch = architecture_of(family)
-        model = arch.add_prefix(model, config.pre_seq_len, config.prefix_projection)
-        encoder = model.get_submodule(arch.prefix_module)
-        encoder.float()  # the prefix trains in float32 even over a half-precision base
-        for p in encoder.parameters():
-            p.requires_grad_(True)
-        return model
+    """Make only the method's parameters trainable (see `METHODS`)."""
+    return METHODS[config.method].prepare(model, config, family)
+
+
+def _prepare_prefix(model, config: TrainConfig, family: Family):
+    """P-Tuning v2: a frozen base with the architecture's trainable prefix encoder (in float32)."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    arch = architecture_of(family)
+    model = arch.add_prefix(model, config.pre_seq_len, config.prefix_projection)
+    encoder = model.get_submodule(arch.prefix_module)
+    encoder.float()  # the prefix trains in float32 even over a half-precision base
+    for p in encoder.parameters():
+        p.requires_grad_(True)
+    return model
+
+
+def _prepare_lora(model, config: TrainConfig, family: Family):
+    """PEFT LoRA on the family's target modules; with `--ref-adapter` the given adapter is continued."""
     if config.method == "qlora":
         model = quantize_nf4(model)
-    if config.method in ("lora", "qlora"):
-        targets = config.lora_targets or list(family.lora_targets)
-        names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
-        unknown = [t for t in targets if t not in names]
-        if unknown:
-            raise UserError(f"--lora-targets: {unknown} are not modules of this {family.name} model")
-        lora = LoraConfig(
-            r=config.lora_r,
-            lora_alpha=config.lora_alpha,
-            lora_dropout=config.lora_dropout,
-            target_modules=targets,
-            task_type="CAUSAL_LM",
-        )
-        return get_peft_model(model, lora)
-    layers = decoder_layers(model)
+    if getattr(config, "ref_adapter", None):
+        from peft import PeftModel
+
+        return PeftModel.from_pretrained(model, config.ref_adapter, is_trainable=True)
+    targets = config.lora_targets or list(family.lora_targets)
+    names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    unknown = [t for t in targets if t not in names]
+    if unknown:
+        raise UserError(f"--lora-targets: {unknown} are not modules of this {family.name} model")
+    lora = LoraConfig(
+        r=config.lora_r,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=config.lora_dropout,
+        target_modules=targets,
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, lora)
+
+
+def _prepare_full(model, config: TrainConfig, family: Family):
     for p in model.parameters():
-        p.requires_grad_(config.method == "full")
-    if config.method == "freeze":
-        if not 0 < config.freeze_trainable_layers <= len(layers):
-            raise UserError(f"--freeze-trainable-layers must be between 1 and {len(layers)}")
-        for layer in layers[-config.freeze_trainable_layers :]:
-            for p in layer.parameters():
-                p.requires_grad_(True)
+        p.requires_grad_(True)
+    return model
+
+
+def _prepare_freeze(model, config: TrainConfig, family: Family):
+    """Only the last `--freeze-trainable-layers` decoder layers train."""
+    layers = decoder_layers(model)
+    if not 0 < config.freeze_trainable_layers <= len(layers):
+        raise UserError(f"--freeze-trainable-layers must be between 1 and {len(layers)}")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for layer in layers[-config.freeze_trainable_layers :]:
+        for p in layer.parameters():
+            p.requires_grad_(True)
     return model
 
 
@@ -108,14 +128,13 @@ def trainable_parameters(model) -> list[tuple[str, torch.nn.Parameter]]:
 
 
 def save_result(model, output: Path, config: TrainConfig, source_model_dir: str, family: Family, state: dict) -> None:
-    """Write the adapter (LoRA), the prefix (P-Tuning) or the model (full, freeze) to `output` from `state` (whole
-    tensors gathered from all processes, see parallel.py), then check it reads back."""
-    if config.method in ("lora", "qlora"):
-        save_adapter(model, output, state)
-        return
-    if config.method == "ptuning":
-        save_prefix(model, output, source_model_dir, family, state)
-        return
+    """Write the method's result to `output` from `state` (whole tensors gathered from all processes, see
+    parallel.py), then check it reads back."""
+    METHODS[config.method].save(model, output, source_model_dir, family, state)
+
+
+def _save_model(model, output: Path, source_model_dir: str, family: Family, state: dict) -> None:
+    """A whole model (full, freeze) with the family's tokenizer exported beside it."""
     from chatglm_sft.tokenization.export import export_hf_tokenizer
 
     model.save_pretrained(output, state_dict=state)
@@ -123,9 +142,13 @@ def save_result(model, output: Path, config: TrainConfig, source_model_dir: str,
         export_hf_tokenizer(family, Path(source_model_dir), output)
 
 
+def _save_adapter(model, output: Path, source_model_dir: str, family: Family, state: dict) -> None:
+    save_adapter(model, output, state)
+
+
 def trainable_only(method: str) -> bool:
     """Whether the result of `method` is its trained tensors alone (adapters, prefixes) rather than a whole model."""
-    return method in ("lora", "qlora", "ptuning")
+    return METHODS[method].result != "model"
 
 
 def save_adapter(model, folder: Path, state: dict) -> None:
@@ -167,3 +190,56 @@ def save_prefix(model, output: Path, source_model_dir: str, family: Family, stat
     reread = torch.load(output / "pytorch_model.bin", weights_only=True)
     if set(reread) != set(state) or not all(torch.equal(reread[k], state[k]) for k in state):
         raise UserError(f"{output}: the saved prefix encoder does not read back as trained")
+
+
+def _no_requirement(device: torch.device) -> None:
+    return None
+
+
+@dataclass(frozen=True)
+class Method:
+    """A tuning method as data: what trains, over which base, where it may run and what it leaves behind."""
+
+    name: str
+    prepare: Callable
+    """(model, config, family) -> the model with only this method's parameters trainable (LoRA wraps it in PEFT)."""
+    base_dtype: Callable[[TrainConfig], str]
+    """The dtype the base weights are loaded in (frozen bases may be half precision; trained weights stay float32)."""
+    result: str
+    """What `save` writes: `adapter` (PEFT files), `prefix` (THUDM's P-Tuning layout) or `model` (a whole model)."""
+    save: Callable
+    """(model, output, source_model_dir, family, state) -> None; checks the result reads back."""
+    strategies: tuple[str, ...] = ("single", "ddp", "fsdp", "deepspeed")
+    """Multi-process strategies it runs under."""
+    check_device: Callable[[torch.device], None] = _no_requirement
+    """Refuses (UserError) a device the method cannot run on, before anything is loaded."""
+
+    @property
+    def adapter(self) -> bool:
+        """Whether the result is a PEFT adapter (and a checkpoint carries a usable copy of it)."""
+        return self.result == "adapter"
+
+
+def _frozen_base_dtype(config: TrainConfig) -> str:
+    return config.dtype or "float32"
+
+
+METHODS: dict[str, Method] = {
+    m.name: m
+    for m in (
+        Method("lora", _prepare_lora, _frozen_base_dtype, "adapter", _save_adapter),
+        Method("full", _prepare_full, lambda c: "float32", "model", _save_model),
+        Method("freeze", _prepare_freeze, lambda c: "float32", "model", _save_model),
+        Method("ptuning", _prepare_prefix, _frozen_base_dtype, "prefix", save_prefix),
+        Method(
+            "qlora",
+            _prepare_lora,
+            lambda c: "bfloat16",
+            "adapter",
+            _save_adapter,
+            strategies=("single", "ddp"),
+            check_device=check_qlora_support,
+        ),
+    )
+}
+"""Every `--method`; `chatglm_sft.train.config.METHODS` names the same keys."""

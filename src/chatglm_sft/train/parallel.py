@@ -13,6 +13,7 @@ zero-weight example where a step runs out).
 from __future__ import annotations
 
 import json
+import math
 import os
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
@@ -23,7 +24,7 @@ from safetensors.torch import load_file, save_file
 
 from chatglm_sft.errors import UserError
 from chatglm_sft.train.config import TrainConfig
-from chatglm_sft.train.methods import decoder_layers, trainable_parameters
+from chatglm_sft.train.methods import METHODS, decoder_layers, trainable_parameters
 
 
 def choose_strategy(config: TrainConfig, world: int, environ=os.environ) -> str:
@@ -46,8 +47,9 @@ def choose_strategy(config: TrainConfig, world: int, environ=os.environ) -> str:
         )
     if config.deepspeed_config and chosen != "deepspeed":
         raise UserError(f"--deepspeed-config applies to --distributed deepspeed, and this run is {chosen}")
-    if chosen in ("fsdp", "deepspeed") and config.method == "qlora":
-        raise UserError(f"--method qlora runs with ddp (a 4-bit base per process), not --distributed {chosen}")
+    if chosen not in METHODS[config.method].strategies:
+        allowed = " or ".join(s for s in METHODS[config.method].strategies if s != "single")
+        raise UserError(f"--method {config.method} runs with {allowed}, not --distributed {chosen}")
     if chosen == "ddp" and world == 1:
         return "single"
     return chosen
@@ -85,14 +87,19 @@ class Strategy:
     def backward(self, loss: torch.Tensor) -> None:
         self.scaler.scale(loss).backward()
 
-    def step(self) -> float:
-        """Clip, apply and clear the gradients; returns the gradient norm before clipping."""
+    def step(self) -> float | None:
+        """Clip, apply and clear the gradients; returns the gradient norm before clipping, or None when a gradient
+        is NaN/Inf: then the step is skipped with the weights and optimizer state untouched (gradients are already
+        reduced, so every process sees the same norm and skips too). An fp16 GradScaler lowers its scale, as on
+        every overflow it finds; otherwise it would overflow again at the same scale."""
         self.scaler.unscale_(self.optimizer)
         norm = torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm or float("inf"))
-        self.scaler.step(self.optimizer)
+        norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+        if math.isfinite(norm):
+            self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
-        return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+        return norm if math.isfinite(norm) else None
 
     def skip(self) -> None:
         """Drop the gradients of a step whose loss was not finite."""
@@ -118,7 +125,8 @@ class Strategy:
                 raise UserError(f"{folder}: checkpoint tensor {name} does not exist in this model (other --method?)")
             with torch.no_grad():
                 params[name].copy_(tensor)
-        state = torch.load(folder / "optimizer.pt", map_location=self.device, weights_only=False)
+        # Tensors and plain values only: nothing in a checkpoint runs code when it is read.
+        state = torch.load(folder / "optimizer.pt", map_location=self.device, weights_only=True)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
 
