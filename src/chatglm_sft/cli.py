@@ -105,8 +105,11 @@ def _cmd_eval(opts) -> int:
     fields = runner.DEFAULT_FIELDS.get(opts.task)
     answer_field = opts.answer_field or (fields.answer if fields else None)
     if opts.predictions:
+        from chatglm_sft.families import get_family
+
         rows = runner.read_predictions(opts.predictions)
-        metrics, details = runner.score_rows(opts.task, rows, answer_field, opts.predictions)
+        family = get_family(opts.ref.family) if opts.ref.family else None
+        metrics, details = runner.score_rows(opts.task, rows, answer_field, opts.predictions, family)
     else:
         engine = _load_engine(opts.ref, opts.load)
         if opts.task == "loss":
@@ -118,12 +121,13 @@ def _cmd_eval(opts) -> int:
             metrics = answer_loss(engine.model, examples, engine.family.pad_id, opts.batch_size)
             details = [{"tokens": sum(1 for y in labels if y != -100)} for _, labels in examples]
         else:
-            from chatglm_sft.infer.predict import load_prompts, predict
+            from chatglm_sft.infer.predict import load_prompts
 
-            prompt_field = opts.prompt_field or (fields.prompt if opts.format in ("auto", "columns") else None)
+            default_prompt = fields.prompt if fields and opts.format in ("auto", "columns") else None
+            prompt_field = opts.prompt_field or default_prompt
             records, prompts = load_prompts(engine, opts.data, opts.format, prompt_field)
-            rows, _ = predict(engine, records, prompts, opts.sampling, batch_size=opts.batch_size)
-            metrics, details = runner.score_rows(opts.task, rows, answer_field, opts.data)
+            rows = runner.generate_rows(opts.task, engine, records, prompts, opts.sampling, opts.batch_size)
+            metrics, details = runner.score_rows(opts.task, rows, answer_field, opts.data, engine.family)
     records_path = runner.write_results(metrics, details, opts.output)
     print(runner.format_table(metrics))
     print(f"metrics -> {opts.output}, per-record results -> {records_path}")
@@ -225,7 +229,7 @@ COMMANDS = (
     ("chat", "interactive chat in the terminal, streamed", _cmd_chat, "chatglm_sft.infer.options:ChatOptions"),
     (
         "eval",
-        "score predictions: math23k accuracy, ROUGE/BLEU, or answer-token loss",
+        "score predictions: math23k accuracy, ROUGE/BLEU, answer-token loss, or tool calls",
         _cmd_eval,
         "chatglm_sft.eval.options:EvalOptions",
     ),

@@ -9,7 +9,7 @@ from chatglm_sft.infer.sampling import SamplingParams
 from chatglm_sft.model_options import LoadOptions, OptionalModelRef
 from chatglm_sft.options import OptionError, option
 
-TASKS = ("math23k", "generation", "loss")
+TASKS = ("math23k", "generation", "loss", "tools")
 
 
 @dataclass

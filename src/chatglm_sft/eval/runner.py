@@ -8,9 +8,10 @@ from pathlib import Path
 
 from chatglm_sft.data.formats import RecordError, read_records, to_messages
 from chatglm_sft.errors import UserError
-from chatglm_sft.eval import generation, math23k
+from chatglm_sft.eval import generation, math23k, tools
+from chatglm_sft.families import Family
 
-TASKS = ("math23k", "generation", "loss")
+TASKS = ("math23k", "generation", "loss", "tools")
 
 
 @dataclass(frozen=True)
@@ -45,12 +46,25 @@ def check_fields(rows: list[dict], path: str | Path, fields: tuple[str, ...]) ->
                 raise UserError(f"{path}: record {i + 1} has no {field!r} field")
 
 
-def score_rows(task: str, rows: list[dict], answer_field: str, source: str | Path) -> tuple[dict, list[dict]]:
+def score_rows(
+    task: str, rows: list[dict], answer_field: str, source: str | Path, family: Family | None = None
+) -> tuple[dict, list[dict]]:
+    if task == "tools":  # `family` reads raw responses' calls
+        return tools.score(rows, family, str(source))
     if task == "math23k":
         check_fields(rows, source, ("response", answer_field))
         return math23k.score(rows, answer_field=answer_field)
     check_fields(rows, source, ("response", answer_field))
     return generation.score(rows, reference_field=answer_field)
+
+
+def generate_rows(task: str, engine, records: list[dict], prompts: list[list[int]], params, batch_size: int):
+    """Model mode: each record with the model's `response` (tool replies keep their segments apart)."""
+    if task == "tools":
+        return tools.generate_responses(engine, records, prompts, params, batch_size)
+    from chatglm_sft.infer.predict import predict
+
+    return predict(engine, records, prompts, params, batch_size=batch_size)[0]
 
 
 def loss_examples(

@@ -9,7 +9,7 @@ from __future__ import annotations
 from chatglm_sft.families import Family
 from chatglm_sft.tools.formats import ROLE_SEPARATOR, TOOL_FORMATS, ToolFormat
 
-__all__ = ["ROLE_SEPARATOR", "TOOL_FORMATS", "ToolFormat", "parse_reply", "tool_format_of"]
+__all__ = ["ROLE_SEPARATOR", "TOOL_FORMATS", "ToolFormat", "decode_reply", "parse_reply", "tool_format_of"]
 
 
 def tool_format_of(family: Family) -> ToolFormat | None:
@@ -23,3 +23,18 @@ def parse_reply(family: Family, text: str, tools: list[dict] | None = None) -> t
     if fmt is None:
         return {"role": "assistant", "content": text.strip()}, 0
     return fmt.parse(text, tools)
+
+
+def decode_reply(tokenizer, ids: list[int]) -> str:
+    """Generated ids as text, with `ROLE_SEPARATOR` where the model started another assistant segment (a thought
+    followed by a call), so `parse_reply` can tell the segments apart; other special tokens are dropped."""
+    separator = tokenizer.family.special_tokens.get(ROLE_SEPARATOR)
+    parts, part = [], []
+    for token in ids:
+        if token == separator:
+            parts.append(part)
+            part = []
+        else:
+            part.append(token)
+    parts.append(part)
+    return ROLE_SEPARATOR.join(tokenizer.decode(p, skip_special_tokens=True) for p in parts)
