@@ -13,6 +13,7 @@ from chatglm_sft.data.formats import FORMATS
 from chatglm_sft.options import OptionError, option
 
 METHODS = ("lora", "full", "freeze", "ptuning", "qlora")
+OBJECTIVES = ("sft", "dpo", "orpo", "simpo")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 DISTRIBUTED = ("auto", "ddp", "fsdp", "deepspeed")
 SCHEDULERS = ("cosine", "linear", "constant")
@@ -112,6 +113,22 @@ class TrainConfig:
     follows `accelerate launch --use_fsdp/--use_deepspeed` and is ddp otherwise."""
     deepspeed_config: str | None = option(None, exists="file")
     """DeepSpeed JSON for --distributed deepspeed (configs/deepspeed/zero2.json or zero3.json; default ZeRO-2)."""
+    objective: str = option("sft", choices=OBJECTIVES)
+    """sft (answer-token cross-entropy) or a preference objective on pairs: dpo, orpo, simpo (docs/preference.md)."""
+    beta: float = option(0.1, gt=0)
+    """dpo and simpo: the β scaling the log-probability differences."""
+    label_smoothing: float = option(0.0, ge=0, lt=0.5)
+    """dpo and simpo: probability that a pair's preference is flipped (conservative loss)."""
+    simpo_gamma: float = option(0.5, ge=0)
+    """simpo: the target reward margin γ."""
+    orpo_lambda: float = option(0.1, gt=0)
+    """orpo: weight λ of the odds-ratio term beside the chosen reply's NLL."""
+    ref_model: str | None = option(None, exists="dir")
+    """dpo: a separate reference model folder (default: the model training starts from)."""
+    ref_adapter: str | None = option(None, exists="dir")
+    """lora/qlora: start from this (SFT) adapter and continue training it; the reference is base + this adapter."""
+    precompute_ref: bool = False
+    """dpo: compute the reference log-probabilities once before training (no reference model kept in memory)."""
 
 
 def load_config(path: str | Path | None, overrides: dict, check_paths_exist: bool = False) -> TrainConfig:

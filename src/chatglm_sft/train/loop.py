@@ -37,6 +37,7 @@ from chatglm_sft.train import checkpoints
 from chatglm_sft.train.batching import epoch_order, pack_batch, pad_batch
 from chatglm_sft.train.config import TrainConfig, to_dict
 from chatglm_sft.train.methods import METHODS, prepare_model, save_result, trainable_only
+from chatglm_sft.train.objectives import OBJECTIVES
 from chatglm_sft.train.parallel import STRATEGY_CLASSES, choose_strategy
 
 
@@ -182,7 +183,7 @@ class Trainer:
         self.family = detect_family(config.model, config.family)
         self.arch = architecture_of(self.family)
         self.tokenizer = chatglm_sft.load_tokenizer(config.model, family=self.family.name)
-        self.train_set, self.eval_set = load_data(config, self.tokenizer, self.family, self.out, self.d)
+        self.train_set, self.eval_set = self.load_examples()
         self.autocast = resolve_precision(config.precision, self.d.device)
         base_dtype = METHODS[config.method].base_dtype(config)
         model = chatglm_sft.load_model(config.model, dtype=base_dtype, device=self.d.device, family=self.family.name)
@@ -202,6 +203,14 @@ class Trainer:
         )
         self.state = checkpoints.TrainState()
         self._orders: dict[int, list[int]] = {}
+
+    def load_examples(self) -> tuple[list, list]:
+        """Training and held-out examples (`chatglm_sft.train.preference` reads pairs instead)."""
+        return load_data(self.config, self.tokenizer, self.family, self.out, self.d)
+
+    def extra_metrics(self) -> dict:
+        """More values for the step's log entry (the preference objectives' rewards)."""
+        return {}
 
     # --- data of a step ------------------------------------------------------------------------------------------
 
@@ -334,6 +343,7 @@ class Trainer:
                     "grad_norm": self.last_grad_norm,
                     "tokens_per_second": window_tokens / max(elapsed, 1e-9),
                     "epoch": step / self.steps_per_epoch,
+                    **self.extra_metrics(),
                 }
                 log.write(entry)
                 bar.set_postfix(
@@ -369,7 +379,10 @@ class Trainer:
 
 
 def train(config: TrainConfig) -> Path:
-    trainer = Trainer(config)
+    trainer_class = Trainer
+    if OBJECTIVES[config.objective].data == "pairs":
+        from chatglm_sft.train.preference import PreferenceTrainer as trainer_class
+    trainer = trainer_class(config)
     try:
         return trainer.run()
     finally:
