@@ -152,6 +152,12 @@ def _cmd_data_check(opts) -> int:
         family = detect_family(opts.ref.model, opts.ref.family)
         tokenizer = chatglm_sft.load_tokenizer(opts.ref.model, family=family.name)
         tokenized, on_good = count_tokens(tokenizer, opts.max_length)
+    from chatglm_sft.data.pairs import check_pairs, is_pair_file
+
+    if is_pair_file(opts.data):  # preference pairs: prompt, chosen, rejected
+        report = check_pairs(opts.data, family)
+        print(format_report(report))
+        return 1 if report.bad else 0
     report = check_records(opts.data, opts.format, opts.prompt_field, opts.response_field, family, on_good)
     print(format_report(report, tokenized))
     return 1 if report.bad else 0
