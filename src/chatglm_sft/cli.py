@@ -75,13 +75,18 @@ def _cmd_predict(opts) -> int:
 
 
 def _cmd_chat(opts) -> int:
-    from chatglm_sft.infer.chat import ChatSession
+    from chatglm_sft.infer.chat import ChatSession, load_tools
 
-    session = ChatSession(_load_engine(opts.ref, opts.load), opts.sampling, system=opts.system)
+    engine = _load_engine(opts.ref, opts.load)
+    tools = load_tools(opts.tools, engine.family) if opts.tools else None
+    session = ChatSession(engine, opts.sampling, system=opts.system, tools=tools)
     print("chatglm-sft chat: /clear starts over, /exit (or end of input) quits", flush=True)
     while True:
         try:
             query = input("user> ")
+            if tools is not None and query.strip() and not query.strip().startswith("/"):
+                _tool_turn(session, query)
+                continue
         except EOFError:
             print()
             return 0
@@ -97,6 +102,21 @@ def _cmd_chat(opts) -> int:
         for delta in session.send(query):
             print(delta, end="", flush=True)
         print(flush=True)
+
+
+def _tool_turn(session, query: str) -> None:
+    """One user turn with tools: show each call the model makes, read its result (a line of text or JSON) from the
+    terminal, and go on until the model answers in text."""
+    message = session.reply_to([{"role": "user", "content": query}])
+    while message.get("tool_calls"):
+        if message["content"]:
+            print(f"assistant> {message['content']}", flush=True)
+        results = []
+        for call in message["tool_calls"]:
+            print(f"call> {call['function']['name']} {call['function']['arguments']}", flush=True)
+            results.append({"role": "tool", "content": input("tool> ")})
+        message = session.reply_to(results)
+    print(f"assistant> {message['content']}", flush=True)
 
 
 def _cmd_eval(opts) -> int:

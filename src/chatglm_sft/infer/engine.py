@@ -17,6 +17,7 @@ from transformers.cache_utils import DynamicCache
 from chatglm_sft.families import Family, get_family
 from chatglm_sft.infer.sampling import SamplingParams, next_tokens
 from chatglm_sft.models.architectures import architecture_of
+from chatglm_sft.tools import decode_reply, parse_reply
 
 
 @dataclass
@@ -127,6 +128,11 @@ class Engine:
                     yield delta
             if rows.done:
                 break
+
+    def message(self, generation: Generation, tools: list[dict] | None = None) -> dict:
+        """A generation as an OpenAI-style assistant message: its text, or the tool calls it makes in the family's
+        format (only calls to `tools`, when given). Generation stops at ``<|observation|>``, where a call ends."""
+        return parse_reply(self.family, decode_reply(self.tokenizer, generation.token_ids), tools)[0]
 
 
 class Rows:

@@ -38,3 +38,5 @@ class ChatOptions:
     sampling: SamplingParams = field(default_factory=SamplingParams)
     system: str | None = None
     """System message."""
+    tools: str | None = option(None, exists="file")
+    """JSON file with a list of tools (OpenAI function tools): replies may call them, and you type each result."""
