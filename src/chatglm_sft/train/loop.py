@@ -291,18 +291,26 @@ class Trainer:
         return total_sum / max(1, tokens), tokens
 
     def optimizer_step(self, loss: float) -> bool:
-        """Apply the step, or skip it when the loss is not finite; returns whether it was applied."""
+        """Apply the step, or skip it when its loss or a gradient is NaN/Inf (weights, optimizer state and schedule
+        stay as they were); returns whether it was applied. Too many skipped steps in a row stop the run."""
         if math.isfinite(loss):
             self.last_grad_norm = self.parallel.step()
             if self.last_grad_norm is not None:
+                self.scheduler.step()
+                self.state.skipped_in_a_row = 0
                 return True
+            reason = "a gradient was NaN/Inf"
         else:
             self.parallel.skip()
-        self.state.bad_steps += 1
-        if self.state.bad_steps > self.config.max_skipped_steps:
+            reason = "the loss was NaN/Inf"
+        self.state.skipped_steps += 1
+        self.state.skipped_in_a_row += 1
+        self.last_skip_reason = reason
+        if self.state.skipped_in_a_row > self.config.max_skipped_steps:
             raise UserError(
-                f"loss or gradients were NaN/Inf in {self.state.bad_steps} steps (more than --max-skipped-steps "
-                f"{self.config.max_skipped_steps}); lower the learning rate or use --precision fp32"
+                f"step {self.state.step + 1}: {reason}, and {self.state.skipped_in_a_row} steps in a row were skipped "
+                f"(more than --max-skipped-steps {self.config.max_skipped_steps}); lower the learning rate, "
+                "check the data, or use --precision fp32"
             )
         return False
 
@@ -331,10 +339,12 @@ class Trainer:
             loss, tokens = self.train_step(step)
             learning_rate = self.scheduler.get_last_lr()[0]
             applied = self.optimizer_step(loss)
-            self.scheduler.step()
             window_tokens += tokens
             self.state.step = step + 1
-            if applied and (self.state.step % c.logging_steps == 0 or self.state.step == self.total_steps):
+            if not applied:
+                log.write({"step": self.state.step, "skipped": self.last_skip_reason})
+                bar.set_postfix(skipped=self.state.skipped_steps)
+            elif self.state.step % c.logging_steps == 0 or self.state.step == self.total_steps:
                 elapsed = time.perf_counter() - window_start
                 entry = {
                     "step": self.state.step,
@@ -347,7 +357,10 @@ class Trainer:
                 }
                 log.write(entry)
                 bar.set_postfix(
-                    loss=f"{loss:.4f}", lr=f"{entry['learning_rate']:.2e}", tok_s=f"{entry['tokens_per_second']:.0f}"
+                    loss=f"{loss:.4f}",
+                    lr=f"{entry['learning_rate']:.2e}",
+                    tok_s=f"{entry['tokens_per_second']:.0f}",
+                    skipped=self.state.skipped_steps,
                 )
                 window_tokens, window_start = 0, time.perf_counter()
             if c.eval_steps and self.state.step % c.eval_steps == 0:
@@ -369,7 +382,8 @@ class Trainer:
             # main process mid-save.
             dist.barrier()
         self.parallel.close()
-        _say(self.d, f"done: {self.state.step} steps, {self.state.bad_steps} skipped (NaN/Inf); result in {self.out}")
+        skipped = self.state.skipped_steps
+        _say(self.d, f"done: {self.state.step} steps, {skipped} skipped (NaN/Inf); result in {self.out}")
         return self.out
 
     def _log_eval(self, log) -> None:
