@@ -1,4 +1,5 @@
-"""P-Tuning v2: THUDM's checkpoints reproduce their outputs; our training writes the same layout; QLoRA's gate."""
+"""P-Tuning v2: THUDM's checkpoints reproduce their outputs; our training writes the same layout, moves the prefix
+and lowers the loss; QLoRA's gate."""
 
 from __future__ import annotations
 
@@ -9,9 +10,11 @@ import torch
 from safetensors.torch import load_file
 
 import chatglm_sft
+from chatglm_sft.conversation import encode_conversation
+from chatglm_sft.eval.loss import answer_loss
 from chatglm_sft.infer.engine import Engine
 from chatglm_sft.infer.sampling import SamplingParams
-from tests.conftest import DATA, TINY, cli, need_shared
+from tests.conftest import TINY, alpaca_records, cli, need_shared
 from tests.models.test_glm_loading import expand_logits
 
 PAIRS = [("chatglm-6b-tiny", "chatglm-6b-tiny-ptuning"), ("chatglm2-6b-tiny", "chatglm2-6b-tiny-ptuning")]
@@ -34,11 +37,80 @@ def test_thudm_ptuning_checkpoints_match_reference(base, ptuning):
     assert out[0, 12:].tolist() == expected["greedy_tokens"].tolist()
 
 
-@pytest.mark.parametrize("base,ptuning", PAIRS)
-def test_prefix_in_batches_and_with_the_cache(base, ptuning):
-    folder = need_shared(TINY / ptuning)
-    model = chatglm_sft.load_model(TINY / base, dtype=torch.float32, adapter=folder)
-    engine = Engine(model, chatglm_sft.load_tokenizer(TINY / base))
+def write_records(path, records):
+    path.write_text(json.dumps(records, ensure_ascii=False))
+    return path
+
+
+def answer_examples(tok, records):
+    return [
+        (enc.input_ids, enc.labels)
+        for enc in (
+            encode_conversation(
+                tok, [{"role": "user", "content": r["instruction"]}, {"role": "assistant", "content": r["output"]}]
+            )
+            for r in records
+        )
+    ]
+
+
+def prefix_tensors(folder):
+    return torch.load(folder / "pytorch_model.bin", weights_only=True)
+
+
+@pytest.fixture(scope="module")
+def trained_ptuning(tiny_checkpoint, tmp_path_factory):
+    """family -> (base folder, records, prefix after 1 step at a negligible rate, prefix trained for 12 steps)."""
+    done = {}
+
+    def get(family):
+        if family not in done:
+            base = tiny_checkpoint(family)
+            tmp = tmp_path_factory.mktemp("ptuning")
+            records = [r for r in alpaca_records() if not r["input"]][:8]
+            data = write_records(tmp / "train.json", records)
+            common = ["--model", str(base), "--data", str(data), "--method", "ptuning", "--pre-seq-len", "4"]
+            common += ["--batch-size", "4", "--precision", "fp32", "--lr-scheduler", "constant"]
+            untouched = cli(
+                "train", *common, "--output", str(tmp / "p0"), "--max-steps", "1", "--learning-rate", "1e-12"
+            )
+            assert untouched.returncode == 0, untouched.stderr
+            trained = cli(
+                "train", *common, "--output", str(tmp / "pt"), "--max-steps", "12", "--learning-rate", "3e-1"
+            )
+            assert trained.returncode == 0, trained.stderr
+            done[family] = base, records, tmp / "p0", tmp / "pt"
+        return done[family]
+
+    return get
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["chatglm2-6b", "chatglm-6b"])
+def test_train_ptuning_moves_the_prefix_and_lowers_the_loss(trained_ptuning, family):
+    base, records, untouched, out = trained_ptuning(family)
+    config = json.loads((out / "config.json").read_text())
+    assert config["pre_seq_len"] == 4
+    saved = prefix_tensors(out)
+    assert saved and all(k.startswith("transformer.prefix_encoder.") for k in saved)
+    start = prefix_tensors(untouched)
+    assert saved.keys() == start.keys()
+    moved = max((saved[k].float() - start[k].float()).abs().max().item() for k in saved)
+    assert moved > 1e-2, moved
+    tok = chatglm_sft.load_tokenizer(base)
+    examples = answer_examples(tok, records)
+    losses = {}
+    for name, adapter in (("before", untouched), ("after", out)):
+        model = chatglm_sft.load_model(base, dtype=torch.float32, adapter=adapter)
+        losses[name] = answer_loss(model, examples, tok.family.pad_id)["loss"]
+    assert losses["after"] < losses["before"] - 0.5, losses
+
+
+@pytest.mark.parametrize("family", ["chatglm2-6b", "chatglm-6b"])
+def test_prefix_in_batches_and_with_the_cache(trained_ptuning, family):
+    base, _, _, adapter = trained_ptuning(family)
+    model = chatglm_sft.load_model(base, dtype=torch.float32, adapter=adapter)
+    engine = Engine(model, chatglm_sft.load_tokenizer(base))
     prompts = [engine.tokenizer.encode(t) for t in ("你好", "请写一首很长的诗，关于春天和秋天的变化")]
     params = SamplingParams(max_new_tokens=6)
     together = engine.generate(prompts, params)
@@ -51,49 +123,14 @@ def test_prefix_in_batches_and_with_the_cache(base, ptuning):
     assert torch.equal(cached, uncached)
 
 
-@pytest.mark.parametrize("base", ["chatglm2-6b-tiny", "chatglm-6b-tiny"])
-def test_train_ptuning_and_load_result(tmp_path, base):
-    model = need_shared(TINY / base)
-    out = tmp_path / "pt"
+def test_qlora_without_cuda_is_a_clear_error(tmp_path, tiny_checkpoint, tiny_alpaca):
+    model = tiny_checkpoint("chatglm2-6b")
     result = cli(
         "train",
         "--model",
         str(model),
         "--data",
-        str(DATA / "alpaca" / "alpaca_zh_demo.json"),
-        "--max-samples",
-        "16",
-        "--batch-size",
-        "2",
-        "--output",
-        str(out),
-        "--method",
-        "ptuning",
-        "--pre-seq-len",
-        "4",
-        "--max-steps",
-        "4",
-    )
-    assert result.returncode == 0, result.stderr
-    config = json.loads((out / "config.json").read_text())
-    assert config["pre_seq_len"] == 4
-    saved = torch.load(out / "pytorch_model.bin", weights_only=True)
-    assert saved and all(k.startswith("transformer.prefix_encoder.") for k in saved)
-    tuned = chatglm_sft.load_model(model, dtype=torch.float32, adapter=out)
-    plain = chatglm_sft.load_model(model, dtype=torch.float32)
-    ids = torch.tensor([chatglm_sft.load_tokenizer(model).encode("你好")])
-    with torch.no_grad():
-        assert (tuned(ids).logits - plain(ids).logits).abs().max() > 1e-4
-
-
-def test_qlora_without_cuda_is_a_clear_error(tmp_path):
-    model = need_shared(TINY / "chatglm2-6b-tiny")
-    result = cli(
-        "train",
-        "--model",
-        str(model),
-        "--data",
-        str(DATA / "alpaca" / "alpaca_zh_demo.json"),
+        str(tiny_alpaca),
         "--output",
         str(tmp_path / "q"),
         "--method",

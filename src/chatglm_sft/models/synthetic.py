@@ -142,6 +142,16 @@ def _save_bin_shards(state: dict[str, torch.Tensor], folder: Path, shards: int) 
     (folder / BIN_INDEX).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=2) + "\n")
 
 
+def _scale_like_trained(model: PreTrainedModel) -> None:
+    """Linear weights with a standard deviation of 1/sqrt(fan-in) instead of the 0.02 meant for 4,096-wide models:
+    at a width of 32-64 that leaves attention and MLPs too weak to matter next to the residual stream (ChatGLM-6B's
+    DeepNorm scales it by 7.5), and training a prefix or a LoRA adapter would barely change anything."""
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.Linear) and module is not model.get_output_embeddings():
+                module.weight.normal_(std=module.weight.shape[1] ** -0.5)
+
+
 def _favour_vocabulary(model: PreTrainedModel, in_use: list[int], logit_scale: float = 4.0) -> None:
     """Make the random model speak the tokenizer's language: the output rows of ids outside `in_use` (padding pieces,
     lone bytes of multi-byte characters) become zero, and the others are scaled so their logits spread with a
@@ -184,6 +194,7 @@ def write_tiny_checkpoint(
     folder = Path(folder)
     tokenizer_file = write_tokenizer(folder, fam, texts)
     model = random_model(_tiny_config(fam, TINY_SHAPES[fam.name] | shape), seed)
+    _scale_like_trained(model)
     _favour_vocabulary(model, whole_character_ids(fam, tokenizer_file))
     write_thudm_checkpoint(model.to(dtype), folder, fam.name, shards=2, fmt=PUBLISHED[fam.name].weights)
     return folder
