@@ -28,12 +28,25 @@ def test_real_folders(folder, family):
     "folder,family",
     [("chatglm-6b-tiny", "chatglm-6b"), ("chatglm2-6b-tiny", "chatglm2-6b"), ("glm-4-9b-chat-tiny", "glm-4")],
 )
-def test_tiny_folders(folder, family):
+def test_tiny_reference_folders(folder, family):
     assert detect_family(need_shared(TINY / folder)).name == family
 
 
-def test_chatglm3_without_tokenizer_config_by_seq_length(tmp_path):
-    config = json.loads((need_shared(MODELS / "chatglm3-6b") / "config.json").read_text())
+@pytest.mark.parametrize(
+    "folder,family",
+    [
+        ("chatglm-6b", "chatglm-6b"),
+        ("chatglm2-6b", "chatglm2-6b"),
+        ("chatglm3-6b", "chatglm3-6b"),
+        ("glm-4-9b-chat", "glm-4"),
+    ],
+)
+def test_generated_folders(tiny_checkpoint, folder, family):
+    assert detect_family(tiny_checkpoint(folder)).name == family
+
+
+def test_chatglm3_without_tokenizer_config_by_seq_length(tmp_path, tiny_checkpoint):
+    config = json.loads((tiny_checkpoint("chatglm3-6b") / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps(config))
     assert detect_family(tmp_path).name == "chatglm3-6b"
     config["seq_length"] = 32768

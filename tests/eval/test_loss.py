@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 import chatglm_sft
 from chatglm_sft.conversation import encode_conversation
 from chatglm_sft.eval.loss import answer_loss
-from tests.conftest import TINY, need_shared
 
 
-def test_batched_answer_loss_equals_per_example_losses():
-    folder = need_shared(TINY / "chatglm2-6b-tiny")
+@pytest.mark.parametrize("family", ["chatglm2-6b", "chatglm-6b", "glm-4-9b-chat"])
+def test_batched_answer_loss_equals_per_example_losses(tiny_checkpoint, family):
+    folder = tiny_checkpoint(family)
     model = chatglm_sft.load_model(folder, dtype=torch.float32)
     tok = chatglm_sft.load_tokenizer(folder)
     pairs = [("你好", "你好！"), ("1+1等于几？", "等于2。"), ("写一句诗", "床前明月光，疑是地上霜。"), ("x", "y")]

@@ -9,13 +9,12 @@ from chatglm_sft import load_tokenizer
 from chatglm_sft.families import get_family
 from chatglm_sft.tokenization.cache import entry_path
 from chatglm_sft.tokenization.fast import build_backend
-from tests.conftest import TINY, need_shared
 
 TEXTS = ["你好，世界！", "Hello <|user|> world\n\n  x=1+2", "床前明月光", ""]
 
 
-def test_a_cache_hit_is_the_tokenizer_a_fresh_build_gives(tmp_path, monkeypatch):
-    folder = need_shared(TINY / "glm-4-9b-chat-tiny")
+def test_a_cache_hit_is_the_tokenizer_a_fresh_build_gives(tmp_path, monkeypatch, tiny_checkpoint):
+    folder = tiny_checkpoint("glm-4-9b-chat")
     monkeypatch.setenv("CHATGLM_SFT_CACHE", str(tmp_path / "cache"))
     family = get_family("glm-4")
     model_file = folder / family.tokenizer_file
@@ -41,8 +40,8 @@ def test_a_cache_hit_is_the_tokenizer_a_fresh_build_gives(tmp_path, monkeypatch)
     json.loads(entry.read_text())
 
 
-def test_the_key_follows_the_tokenizer_file(tmp_path, monkeypatch):
-    folder = need_shared(TINY / "glm-4-9b-chat-tiny")
+def test_the_key_follows_the_tokenizer_file(tmp_path, monkeypatch, tiny_checkpoint):
+    folder = tiny_checkpoint("glm-4-9b-chat")
     monkeypatch.setenv("CHATGLM_SFT_CACHE", str(tmp_path / "cache"))
     family = get_family("glm-4")
     copy = tmp_path / family.tokenizer_file
