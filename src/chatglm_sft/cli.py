@@ -201,31 +201,15 @@ def _cmd_data_tokenize(opts) -> int:
 
 
 def _cmd_serve(opts) -> int:
-    import uvicorn
+    from chatglm_sft.serve.commands import serve
 
-    from chatglm_sft.serve.app import create_app
-
-    engine = _load_engine(opts.ref, opts.load)
-    server = opts.server
-    app = create_app(
-        engine,
-        model_name=server.model_name,
-        api_key=opts.api_key,
-        max_batch_size=opts.max_batch_size,
-        max_queue=opts.max_queue,
-    )
-    print(f"serving {opts.ref.model} as {server.model_name!r} on http://{server.host}:{server.port}", flush=True)
-    uvicorn.run(app, host=server.host, port=server.port, log_level="warning")
-    return 0
+    return serve(opts, _load_engine)
 
 
 def _cmd_webui(opts) -> int:
-    from chatglm_sft.serve.webui import build_ui
+    from chatglm_sft.serve.commands import webui
 
-    server = opts.server
-    ui = build_ui(_load_engine(opts.ref, opts.load), title=server.model_name)
-    ui.queue().launch(server_name=server.host, server_port=server.port, share=False)
-    return 0
+    return webui(opts, _load_engine)
 
 
 def _cmd_demo(opts) -> int:

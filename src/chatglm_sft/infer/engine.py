@@ -65,12 +65,17 @@ class Engine:
 
     @torch.inference_mode()
     def decode_steps(
-        self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams], reuse: PrefixCache | None = None
+        self,
+        prompts: list[list[int]],
+        params: SamplingParams | list[SamplingParams],
+        reuse: PrefixCache | None = None,
+        adapters: list[str | None] | None = None,
     ) -> Iterator[torch.Tensor]:
         """Yield the next token of every row ([B]) step by step; the caller decides when to stop.
 
         With `reuse` (one prompt, an architecture whose cache stays valid as the prompt grows), the part of the
-        prompt already in the cache is not computed again.
+        prompt already in the cache is not computed again. `adapters` names each row's LoRA adapter (None: the
+        base model) on a PEFT model that holds several.
         """
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("every prompt needs at least one token")
@@ -87,6 +92,7 @@ class Engine:
             inputs, positions = ids[:, keep:], positions[..., keep:]
         rows = params if isinstance(params, list) else [params] * len(prompts)
         pick = _row_sampler(rows, self.device)
+        extra = {"adapter_names": ["__base__" if a is None else a for a in adapters]} if adapters else {}
         for _ in range(max(p.max_new_tokens for p in rows)):
             out = self.model(
                 input_ids=inputs,
@@ -95,6 +101,7 @@ class Engine:
                 cache=cache,
                 use_cache=True,
                 logits_to_keep=1,
+                **extra,
             )
             if reuse is not None:
                 reuse.cache, reuse.ids = cache, list(fed)
@@ -173,21 +180,45 @@ class Rows:
 
 class TextStream:
     """Incremental detokenisation of one row: deltas never end inside a multi-byte character, and text that could
-    be the start of a stop string is held back until it cannot."""
+    be the start of a stop string is held back until it cannot.
+
+    Each token decodes only a window from the last complete piece on (as TGI and vLLM do), so a long reply costs
+    linear, not quadratic, time; the new text is what the window adds to that piece's own decode.
+    """
 
     def __init__(self, tokenizer, stops: tuple[str, ...] = ()):
         self.tokenizer = tokenizer
         self.stops = tuple(s for s in stops if s)
+        self._longest_stop = max((len(s) for s in self.stops), default=0)
         self.ids: list[int] = []
         self.sent = 0
         self.stopped = False
         self._text = ""
+        self._prefix = 0  # ids[_prefix:_read] is the last piece already in _text
+        self._read = 0
 
     def push(self, token: int) -> None:
         self.ids.append(token)
-        self._text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        if self.stops and _stop_index(self._text, self.stops) is not None:
-            self.stopped = True
+        shown = self.tokenizer.decode(self.ids[self._prefix : self._read], skip_special_tokens=True)
+        window = self.tokenizer.decode(self.ids[self._prefix :], skip_special_tokens=True)
+        if len(window) <= len(shown) or window.endswith("\ufffd"):
+            return  # nothing new yet, or an unfinished UTF-8 sequence: wait for the next token
+        self._append(window[len(shown) :])
+
+    def _append(self, new: str) -> None:
+        before = len(self._text)
+        self._text += new
+        self._prefix, self._read = self._window_start(self._read), len(self.ids)
+        if self.stops:
+            tail = self._text[max(0, before - self._longest_stop) :]
+            self.stopped = _stop_index(tail, self.stops) is not None
+
+    def _window_start(self, i: int) -> int:
+        """Where the next window may start: not at a token that decodes to whitespace only, since SentencePiece
+        drops a text's leading spaces and the window would then lose spaces a whole-text decode keeps."""
+        while i > 0 and not self.tokenizer.decode(self.ids[i : i + 1], skip_special_tokens=True).strip():
+            i -= 1
+        return i
 
     def text(self) -> str:
         cut = _stop_index(self._text, self.stops) if self.stops else None
@@ -197,13 +228,15 @@ class TextStream:
         """The text that is safe to show now and was not shown yet."""
         if self.stopped:
             return self.finish()
-        if self._text.endswith("\ufffd"):  # an unfinished UTF-8 sequence: wait for its other bytes
-            return ""
         ready = len(self._text) - _held_back(self._text, self.stops)
         return self._release(ready)
 
     def finish(self) -> str:
         """Whatever is left, cut before a stop string."""
+        if self._read < len(self.ids):  # the last tokens ended inside a character: show what a full decode shows
+            shown = self.tokenizer.decode(self.ids[self._prefix : self._read], skip_special_tokens=True)
+            window = self.tokenizer.decode(self.ids[self._prefix :], skip_special_tokens=True)
+            self._append(window[len(shown) :])
         return self._release(len(self.text()))
 
     def _release(self, upto: int) -> str:
@@ -214,18 +247,26 @@ class TextStream:
 
 
 def _row_sampler(rows: list[SamplingParams], device):
-    """One function choosing every row's next token: batched when all rows sample alike, row by row otherwise."""
-    generators = [torch.Generator(device=device).manual_seed(p.seed) if p.seed is not None else None for p in rows]
-    same = all(p == rows[0] for p in rows)
+    """One function choosing every row's next token: batched when every row is plainly greedy, row by row
+    otherwise, each sampling row with a generator of its own (rows that share a seed must not share draws)."""
+    generators = [seeded_generator(p.seed, device) for p in rows]
+    plain = all(p.greedy and p.repetition_penalty == 1.0 for p in rows)
 
     def pick(logits: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
-        if same:
-            return next_tokens(logits, rows[0], seen, generators[0])
+        if plain:
+            return logits.argmax(-1)
         return torch.cat(
             [next_tokens(logits[i : i + 1], p, seen[i : i + 1], generators[i]) for i, p in enumerate(rows)]
         )
 
     return pick
+
+
+def seeded_generator(seed: int | None, device) -> torch.Generator | None:
+    """A generator of the row's own for a seeded request (any int64 seed; torch takes them modulo 2**64)."""
+    if seed is None:
+        return None
+    return torch.Generator(device=device).manual_seed(seed % 2**64)
 
 
 def _stop_index(text: str, stops: tuple[str, ...]) -> int | None:

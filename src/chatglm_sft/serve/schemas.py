@@ -1,0 +1,159 @@
+"""What the HTTP API accepts: request bodies and the bounds of every field, checked before anything is tokenized.
+
+The sampling fields take their ranges from `SamplingParams` (the same rules as the command line), narrowed where a
+server must also protect its other requests: a temperature between 0 and the smallest one sampling handles, a
+repetition penalty that divides logits into infinities, or a seed past 64 bits would otherwise fail while a batch
+is decoded. Limits that depend on the server (`--max-tokens-limit`, the model's context) are checked by the routes.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, field_validator
+
+from chatglm_sft.infer.sampling import MIN_TEMPERATURE, SamplingParams
+from chatglm_sft.options import specs
+
+MAX_MESSAGES = 1024
+"""Messages in one chat request."""
+MAX_MESSAGE_CHARS = 1 << 20
+"""Characters in one message or prompt (the body-size limit usually binds first)."""
+MAX_STOP = 4
+"""Stop strings in one request (as OpenAI)."""
+MAX_STOP_CHARS = 256
+"""Characters in one stop string."""
+MAX_TOP_K = 100_000
+MAX_TEMPERATURE = 2.0
+"""OpenAI's upper bound."""
+REPETITION_PENALTY = (0.01, 100.0)
+"""Penalties outside this range turn logits into infinities or zeros."""
+
+
+def _sampling_bounds(name: str, **narrower: float) -> dict[str, float]:
+    """The range `SamplingParams` allows for `name`, with the server's narrower bounds added."""
+    rule = next(s.rule for s in specs(SamplingParams) if s.name == name)
+    bounds = {k: getattr(rule, k) for k in ("ge", "gt", "le", "lt") if getattr(rule, k) is not None}
+    return bounds | narrower
+
+
+TEMPERATURE = _sampling_bounds("temperature", le=MAX_TEMPERATURE)
+TOP_P = _sampling_bounds("top_p")
+TOP_K = _sampling_bounds("top_k", le=MAX_TOP_K)
+PENALTY = _sampling_bounds("repetition_penalty", ge=REPETITION_PENALTY[0], le=REPETITION_PENALTY[1])
+SEED = _sampling_bounds("seed")
+
+
+def _check_temperature(value: float) -> float:
+    if 0 < value < MIN_TEMPERATURE:
+        raise ValueError(f"temperature must be 0 (greedy) or at least {MIN_TEMPERATURE:g}")
+    return value
+
+
+class Strict(BaseModel):
+    """JSON types as written (no "0.5" for 0.5), no NaN or infinity, unknown fields ignored as OpenAI's clients
+    send fields this server does not use."""
+
+    model_config = ConfigDict(extra="ignore", strict=True, allow_inf_nan=False)
+
+
+class TextPart(Strict):
+    type: Literal["text"]
+    text: Annotated[str, Field(max_length=MAX_MESSAGE_CHARS)]
+
+
+class ChatMessage(Strict):
+    role: Literal["system", "user", "assistant", "observation", "tool", "function"]
+    content: Annotated[str, Field(max_length=MAX_MESSAGE_CHARS)] | list[TextPart]
+
+    def text(self) -> str:
+        """The content as one string (OpenAI's text parts joined)."""
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
+class StreamOptions(Strict):
+    include_usage: StrictBool = False
+    """Send a last chunk with the token usage (and no choices), as OpenAI does."""
+
+
+class SamplingFields(Strict):
+    """Fields shared by chat and text completions."""
+
+    model: StrictStr | None = None
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    """OpenAI's newer name for max_tokens."""
+    temperature: float = Field(default=1.0, **TEMPERATURE)
+    top_p: float = Field(default=1.0, **TOP_P)
+    top_k: int = Field(default=0, **TOP_K)
+    repetition_penalty: float = Field(default=1.0, **PENALTY)
+    presence_penalty: float = Field(default=0.0, ge=-2, le=2)
+    frequency_penalty: float = Field(default=0.0, ge=-2, le=2)
+    seed: int | None = Field(default=None, **SEED)
+    n: int = Field(default=1, ge=1, le=1)
+    """One choice per request (several: send several requests; they are batched)."""
+    stop: (
+        Annotated[str, Field(max_length=MAX_STOP_CHARS)]
+        | list[Annotated[str, Field(max_length=MAX_STOP_CHARS)]]
+        | None
+    ) = Field(default=None)
+    stream: StrictBool = False
+    stream_options: StreamOptions | None = None
+
+    _temperature = field_validator("temperature")(_check_temperature)
+
+    @field_validator("presence_penalty", "frequency_penalty")
+    @classmethod
+    def _openai_penalties(cls, value: float) -> float:
+        if value != 0:
+            raise ValueError("is not supported by this server; use repetition_penalty (e.g. 1.1)")
+        return value
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_count(cls, value: Any) -> Any:
+        if isinstance(value, list) and len(value) > MAX_STOP:
+            raise ValueError(f"at most {MAX_STOP} stop strings")
+        return value
+
+    @property
+    def requested_tokens(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+    def stop_strings(self) -> tuple[str, ...]:
+        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+
+
+class ChatRequest(SamplingFields):
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
+
+
+class CompletionRequest(SamplingFields):
+    prompt: Annotated[str, Field(max_length=MAX_MESSAGE_CHARS)]
+
+
+class TextGenerateRequest(Strict):
+    """The seed project's route: an instruction, optional text, generation settings."""
+
+    instruction: Annotated[str, Field(max_length=MAX_MESSAGE_CHARS)]
+    text: Annotated[str, Field(max_length=MAX_MESSAGE_CHARS)] = ""
+    max_new_tokens: int = Field(default=256, ge=1)
+    temperature: float = Field(default=0.0, **TEMPERATURE)
+    top_p: float = Field(default=1.0, **TOP_P)
+    top_k: int = Field(default=0, **TOP_K)
+    repetition_penalty: float = Field(default=1.0, **PENALTY)
+
+    _temperature = field_validator("temperature")(_check_temperature)
+
+    def as_sampling(self) -> SamplingFields:
+        return SamplingFields(
+            max_tokens=self.max_new_tokens,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k,
+            repetition_penalty=self.repetition_penalty,
+        )
