@@ -86,7 +86,8 @@ def sequence_logps(model, batch: dict[str, torch.Tensor], autocast: torch.dtype 
         logits = model(
             input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False, logits_to_keep=keep
         ).logits
-    logits = logits.reshape(-1, logits.shape[-1]).float()
+    logits = logits.reshape(-1, logits.shape[-1])
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # float32 at least
     token_logps = -F.cross_entropy(logits, target[target != IGNORE_INDEX], reduction="none")
     rows = keep.nonzero()[:, 0]
     sums = torch.zeros(labels.shape[0], dtype=token_logps.dtype, device=device).index_add(0, rows, token_logps)
