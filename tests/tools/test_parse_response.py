@@ -99,7 +99,7 @@ def random_value(rng: random.Random, depth: int = 0):
     kinds = ["str", "int", "float", "bool", "none"] + (["list", "dict"] if depth < 2 else [])
     kind = rng.choice(kinds)
     if kind == "str":
-        return "".join(rng.choice("ab'\"\\\n\t 北京\u200b{}()=,") for _ in range(rng.randint(0, 6)))
+        return "".join(rng.choice("ab'\"\\\n\t 北京\u200b\x07😀{}()=,:[]") for _ in range(rng.randint(0, 6)))
     if kind == "int":
         return rng.randint(-(10**20), 10**20)
     if kind == "float":
