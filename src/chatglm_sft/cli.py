@@ -281,7 +281,9 @@ def _record(spec: str) -> type:
     return getattr(importlib.import_module(module), name)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The parser; with `only` (the command being run), the other commands get no options, so their records (and
+    what those import) are not loaded."""
     parser = options.ArgumentParser(
         prog="chatglm-sft",
         description="Fine-tune, run, evaluate and serve ChatGLM models (ChatGLM-6B, ChatGLM2/3-6B, GLM-4-9B).",
@@ -302,6 +304,8 @@ def build_parser() -> argparse.ArgumentParser:
         p = where.add_parser(leaf, help=help_text, description=help_text)
         # --debug after the command too; SUPPRESS keeps a --debug given before it.
         p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks for errors")
+        if only is not None and name.split()[0] != only:
+            continue
         cls = _record(record)
         if cls is TrainConfig:
             add_train_arguments(p)
@@ -320,7 +324,9 @@ def read_options(args: argparse.Namespace):
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    command = next((a for a in argv if not a.startswith("-")), None)
+    parser = build_parser(command if command in {name.split()[0] for name, *_ in COMMANDS} else None)
     args = parser.parse_args(argv)
     func: Callable = args.func
     try:

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-import torch
-import torch.nn.functional as F
+from typing import TYPE_CHECKING
 
 from chatglm_sft.options import check, option
+
+if TYPE_CHECKING:
+    import torch
+
+# torch is imported where it is used: the CLI checks generation options (SamplingParams) before loading anything.
 
 SEED_MAX = 2**63 - 1
 
@@ -46,6 +49,8 @@ class SamplingParams:
 
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
     """Divide positive and multiply negative logits of already seen token ids (`seen`: [B, T], -1 ignored)."""
+    import torch
+
     if penalty == 1.0 or seen.numel() == 0:
         return logits
     counts = torch.zeros_like(logits, dtype=torch.int32)
@@ -55,6 +60,8 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: 
 
 
 def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
+    import torch
+
     if k <= 0 or k >= logits.shape[-1]:
         return logits
     kth = torch.topk(logits, k, dim=-1).values[:, -1:]
@@ -62,6 +69,8 @@ def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
+    import torch
+
     if p >= 1.0:
         return logits
     sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
@@ -75,13 +84,16 @@ def next_tokens(
     logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor, generator: torch.Generator | None = None
 ) -> torch.Tensor:
     """The next token per row ([B]) for float logits [B, V]."""
-    logits = apply_repetition_penalty(logits.float(), seen, params.repetition_penalty)
+    import torch
+    import torch.nn.functional as F
+
+    scores = apply_repetition_penalty(logits.float(), seen, params.repetition_penalty)
     if params.greedy:
-        return logits.argmax(-1)
-    logits = top_p_filter(top_k_filter(logits / params.temperature, params.top_k), params.top_p)
-    probs = logits.softmax(-1)
-    # A row whose logits overflowed has no valid distribution: take its most likely token (the greedy limit).
+        return scores.argmax(-1)
+    probs = top_p_filter(top_k_filter(scores / params.temperature, params.top_k), params.top_p).softmax(-1)
+    # A row whose tempered logits overflowed has no valid distribution: take its most likely token (the greedy
+    # limit) rather than let `multinomial` fail.
     broken = ~torch.isfinite(probs).all(-1) | (probs.sum(-1) <= 0)
     if broken.any():
-        probs = torch.where(broken[:, None], F.one_hot(logits.argmax(-1), probs.shape[-1]).to(probs), probs)
+        probs = torch.where(broken[:, None], F.one_hot(scores.argmax(-1), probs.shape[-1]).to(probs), probs)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
