@@ -4,6 +4,7 @@ tiny ChatGLM2 checkpoint (context 256)."""
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 import subprocess
 import sys
@@ -13,6 +14,9 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import openai
 import pytest
+import torch
+
+from tests.conftest import cli
 
 
 def free_port() -> int:
@@ -260,5 +264,119 @@ def test_full_queue_answers_429_with_retry_after(tiny_checkpoint):
         codes = [r.status_code for r in responses]
         assert 429 in codes and 200 in codes
         assert all(r.headers.get("retry-after") for r in responses if r.status_code == 429)
+    finally:
+        stop(proc)
+
+
+async def _stream_text(http, url, body, streaming: asyncio.Event) -> tuple[str, float]:
+    """Stream a chat completion (`streaming` set at its first text); returns its text and when it ended."""
+    text = ""
+    async with http.stream("POST", f"{url}/v1/chat/completions", json={**body, "stream": True}) as r:
+        async for line in r.aiter_lines():
+            if line.startswith("data: {"):
+                chunk = json.loads(line[6:])
+                if chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+                    text += chunk["choices"][0]["delta"]["content"]
+                    streaming.set()
+    return text, time.perf_counter()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("scheduler", ["continuous"])
+def test_short_requests_pass_long_ones(tiny_checkpoint, scheduler):
+    """4 long streams (200 tokens), then 12 short requests (8 tokens) once all 4 stream: every short one ends in
+    under a quarter of the time the long ones still need, and every output equals the request sent alone."""
+    proc, url = start_server(tiny_checkpoint("chatglm2-6b"), "--max-batch-size", "16", "--scheduler", scheduler)
+
+    def body(content, n):
+        return {"messages": [{"role": "user", "content": content}], "max_tokens": n, "temperature": 0}
+
+    async def scenario():
+        async with httpx.AsyncClient(timeout=300) as http:
+            streaming = [asyncio.Event() for _ in range(4)]
+            tasks = [
+                asyncio.create_task(_stream_text(http, url, body(f"讲一个长故事{i}", 200), streaming[i]))
+                for i in range(4)
+            ]
+            await asyncio.gather(*[event.wait() for event in streaming])
+            start = time.perf_counter()
+
+            async def short(i):
+                r = await http.post(f"{url}/v1/chat/completions", json=body(f"短问题{i}", 8))
+                return r.json()["choices"][0]["message"]["content"], time.perf_counter() - start
+
+            shorts = await asyncio.gather(*[short(i) for i in range(12)])
+            long_results = await asyncio.gather(*tasks)
+            remaining = min(end for _, end in long_results) - start
+            return shorts, [text for text, _ in long_results], remaining
+
+    try:
+        shorts, long_texts, remaining = asyncio.run(scenario())
+        for i, (_, took) in enumerate(shorts):
+            assert took < remaining / 4, f"short request {i} took {took:.2f} s; the long ones needed {remaining:.2f} s"
+        for i, (text, _) in enumerate(shorts):
+            assert (
+                text
+                == httpx.post(f"{url}/v1/chat/completions", json=body(f"短问题{i}", 8)).json()["choices"][0][
+                    "message"
+                ]["content"]
+            )
+        for i, text in enumerate(long_texts):
+            alone = httpx.post(f"{url}/v1/chat/completions", json=body(f"讲一个长故事{i}", 200), timeout=300)
+            assert text == alone.json()["choices"][0]["message"]["content"]
+    finally:
+        stop(proc)
+
+
+def make_lora(model_dir, out_dir, seed: int):
+    """A LoRA adapter with random (non-zero) weights on the family's usual target modules, in PEFT's format."""
+    from peft import LoraConfig, get_peft_model
+
+    import chatglm_sft
+    from chatglm_sft.families import detect_family
+
+    family = detect_family(model_dir)
+    model = get_peft_model(
+        chatglm_sft.load_model(model_dir), LoraConfig(r=4, lora_alpha=8, target_modules=list(family.lora_targets))
+    )
+    g = torch.Generator().manual_seed(seed)
+    for name, tensor in model.named_parameters():
+        if "lora_" in name:
+            tensor.data = torch.randn(tensor.shape, generator=g) * 0.3
+    model.save_pretrained(out_dir)
+    return out_dir
+
+
+@pytest.mark.slow
+def test_two_adapters_answer_as_predict_does(tmp_path, tiny_checkpoint):
+    model = tiny_checkpoint("chatglm2-6b")
+    adapters = {name: make_lora(model, tmp_path / name, seed) for name, seed in (("a", 1), ("b", 2))}
+    records = [{"instruction": q} for q in ("你好", "讲一个故事", "1+1=")]
+    data = tmp_path / "in.jsonl"
+    data.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in records))
+    expected = {}
+    for name, folder in [*adapters.items(), ("chatglm-sft", None)]:
+        out = tmp_path / f"{name}.jsonl"
+        extra = ["--adapter", str(folder)] if folder else []
+        args = ["predict", "--model", str(model), "--data", str(data), "--output", str(out), "--max-new-tokens", "12"]
+        result = cli(*args, *extra)
+        assert result.returncode == 0, result.stderr
+        expected[name] = [json.loads(line)["response"] for line in out.read_text().splitlines()]
+    assert expected["a"] != expected["b"] != expected["chatglm-sft"]
+    proc, url = start_server(model, "--adapter", f"a={adapters['a']}", "--adapter", f"b={adapters['b']}")
+    try:
+        assert [m.id for m in client(url).models.list().data] == ["chatglm-sft", "a", "b"]
+
+        def ask(job):
+            name, record = job
+            reply = client(url).chat.completions.create(
+                model=name, messages=[{"role": "user", "content": record["instruction"]}], max_tokens=12, temperature=0
+            )
+            return reply.choices[0].message.content.strip()
+
+        jobs = [(name, record) for name in expected for record in records]
+        with ThreadPoolExecutor(len(jobs)) as pool:  # all adapters in flight at once
+            answers = list(pool.map(ask, jobs))
+        assert answers == [text for name in expected for text in expected[name]]
     finally:
         stop(proc)
