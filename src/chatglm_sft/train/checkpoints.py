@@ -14,6 +14,7 @@ import torch
 
 from chatglm_sft.errors import UserError
 from chatglm_sft.train.methods import METHODS
+from chatglm_sft.train.reward_plot import add_reward_curves
 
 _CHECKPOINT = re.compile(r"checkpoint-(\d+)")
 
@@ -201,6 +202,7 @@ class Log:
         ax.set_ylabel("loss")
         ax.legend()
         ax.grid(alpha=0.3)
+        add_reward_curves(ax, self.state.history)
         fig.tight_layout()
         fig.savefig(self.out / "loss.png", dpi=100)
         plt.close(fig)
