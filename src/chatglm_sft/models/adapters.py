@@ -7,7 +7,6 @@ not all land in the model is an error, never a silently unloaded adapter.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -16,7 +15,7 @@ from safetensors.torch import load_file
 from transformers import PreTrainedModel
 
 from chatglm_sft.errors import UserError
-from chatglm_sft.families import Family
+from chatglm_sft.families import Family, read_json
 from chatglm_sft.models.architectures import architecture_of
 
 
@@ -38,12 +37,21 @@ def _targets(config: dict) -> list[str]:
 
 
 def _check_loaded(model, state: dict[str, torch.Tensor], adapter_dir: Path) -> None:
-    lora_params = [n for n, _ in model.named_parameters() if ".lora_" in n]
-    if len(lora_params) != len([k for k in state if ".lora_" in k]) or not lora_params:
-        raise UserError(
-            f"{adapter_dir}: the adapter's {len(state)} tensors do not match the "
-            f"{len(lora_params)} LoRA parameters it creates in the model"
-        )
+    """Every tensor of the adapter file must be a parameter of the model: PEFT only warns about names that match
+    nothing (another family's module paths, other layers), and the adapter would silently not apply."""
+    adapter_name = getattr(model, "active_adapter", "default")
+    # PEFT saves parameter names without the adapter's name ("lora_A.default.weight" -> "lora_A.weight").
+    params = {
+        name.replace(f".{adapter_name}.", ".").removesuffix(f".{adapter_name}") for name, _ in model.named_parameters()
+    }
+    if not state:
+        raise UserError(f"{adapter_dir}: the adapter has no tensors")
+    for name in state:
+        if name not in params:
+            raise UserError(
+                f"{adapter_dir}: adapter tensor {name!r} maps to no module of this model (wrong base model, family "
+                "or target modules?)"
+            )
 
 
 def _load_thudm_lora(model: PreTrainedModel, adapter_dir: Path, config: dict, family: Family):
@@ -57,12 +65,10 @@ def _load_thudm_lora(model: PreTrainedModel, adapter_dir: Path, config: dict, fa
         result = set_peft_model_state_dict(peft_model, converted)
     except RuntimeError as e:
         raise UserError(f"{adapter_dir}: adapter does not fit this base model ({e})") from None
+    _check_loaded(peft_model, converted, adapter_dir)
     missing = [k for k in result.missing_keys if ".lora_" in k]
-    if missing or result.unexpected_keys:
-        raise UserError(
-            f"{adapter_dir}: adapter tensors did not load (missing {missing[:3]}, "
-            f"unexpected {result.unexpected_keys[:3]})"
-        )
+    if missing:
+        raise UserError(f"{adapter_dir}: the adapter has no tensor for {missing[0]!r} (of {len(missing)} missing)")
     return peft_model.eval()
 
 
@@ -81,7 +87,7 @@ def _prefix_state(folder: Path) -> dict[str, torch.Tensor]:
 
 def load_prefix(model: PreTrainedModel, folder: Path, family: Family) -> PreTrainedModel:
     """A P-Tuning v2 folder (THUDM's layout: base config.json plus `pre_seq_len`, prefix weights only)."""
-    config = json.loads((folder / "config.json").read_text())
+    config = read_json(folder / "config.json")
     state = _prefix_state(folder)
     prefix = {}
     for name, tensor in state.items():
@@ -104,15 +110,11 @@ def load_adapter(model: PreTrainedModel, adapter_dir: str | Path, family: Family
     adapter_dir = Path(adapter_dir)
     config_path = adapter_dir / "adapter_config.json"
     prefix_config = adapter_dir / "config.json"
-    if (
-        not config_path.is_file()
-        and prefix_config.is_file()
-        and json.loads(prefix_config.read_text()).get("pre_seq_len")
-    ):
+    if not config_path.is_file() and prefix_config.is_file() and read_json(prefix_config).get("pre_seq_len"):
         return load_prefix(model, adapter_dir, family)
     if not config_path.is_file():
         raise UserError(f"{adapter_dir}: not a PEFT adapter folder (no adapter_config.json)")
-    config = json.loads(config_path.read_text())
+    config = read_json(config_path)
     names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
     targets = _targets(config)
     arch = architecture_of(family)
