@@ -123,7 +123,7 @@ def _cmd_eval(opts) -> int:
     from chatglm_sft.eval import runner
 
     fields = runner.DEFAULT_FIELDS.get(opts.task)
-    answer_field = opts.answer_field or (fields.answer if fields else None)
+    answer_field = opts.answer_field  # None: the task's default, read from the records (runner.score_rows)
     if opts.predictions:
         from chatglm_sft.families import get_family
 

@@ -22,7 +22,20 @@ class TaskFields:
     """Record field holding the gold answer / reference."""
 
 
-DEFAULT_FIELDS = {"math23k": TaskFields("original_text", "ans"), "generation": TaskFields("content", "summary")}
+DEFAULT_FIELDS = {"math23k": TaskFields("original_text", "ans"), "generation": TaskFields("content", "reference")}
+GENERATION_FALLBACK = "summary"
+"""ADGEN's reference field: generation scoring reads it when the records have no `reference`."""
+
+
+def default_answer_field(task: str, rows: list[dict]) -> str | None:
+    """The gold field when --answer-field is not given: the task's, and for generation `summary` when no record
+    has a `reference`."""
+    fields = DEFAULT_FIELDS.get(task)
+    if fields is None:
+        return None
+    if task == "generation" and not any(fields.answer in row for row in rows):
+        return GENERATION_FALLBACK
+    return fields.answer
 
 
 def read_predictions(path: str | Path) -> list[dict]:
@@ -47,10 +60,11 @@ def check_fields(rows: list[dict], path: str | Path, fields: tuple[str, ...]) ->
 
 
 def score_rows(
-    task: str, rows: list[dict], answer_field: str, source: str | Path, family: Family | None = None
+    task: str, rows: list[dict], answer_field: str | None, source: str | Path, family: Family | None = None
 ) -> tuple[dict, list[dict]]:
     if task == "tools":  # `family` reads raw responses' calls
         return tools.score(rows, family, str(source))
+    answer_field = answer_field or default_answer_field(task, rows)
     if task == "math23k":
         check_fields(rows, source, ("response", answer_field))
         return math23k.score(rows, answer_field=answer_field)
