@@ -20,19 +20,18 @@ from chatglm_sft.errors import UserError
 from chatglm_sft.models.architectures import architecture_of
 from chatglm_sft.train.batching import pack_batch, pad_batch
 from chatglm_sft.train.config import load_config
-from tests.conftest import DATA, TINY, cli, need_shared
+from tests.conftest import cli
 
-ALPACA = DATA / "alpaca" / "alpaca_zh_demo.json"
 HERE = Path(__file__).parent
 
 
-def train_args(model, output, *extra):
+def train_args(model, data, output, *extra):
     return [
         "train",
         "--model",
         str(model),
         "--data",
-        str(ALPACA),
+        str(data),
         "--max-samples",
         "64",
         "--batch-size",
@@ -60,15 +59,15 @@ def test_data_check_names_bad_records(tmp_path):
     assert result.returncode == 1 and f"{array}:3:" in result.stdout
 
 
-def test_data_check_real_file_passes():
-    model = need_shared(TINY / "chatglm2-6b-tiny")
-    result = cli("data", "check", "--data", str(need_shared(ALPACA)), "--model", str(model))
+def test_data_check_good_file_passes(tiny_checkpoint, tiny_alpaca):
+    model = tiny_checkpoint("chatglm2-6b")
+    result = cli("data", "check", "--data", str(tiny_alpaca), "--model", str(model))
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "good: 1000" in result.stdout and "tokens per example" in result.stdout
+    assert "good: 40" in result.stdout and "tokens per example" in result.stdout
 
 
-def test_train_refuses_bad_records_then_skips_them(tmp_path):
-    model = need_shared(TINY / "chatglm2-6b-tiny")
+def test_train_refuses_bad_records_then_skips_them(tmp_path, tiny_checkpoint):
+    model = tiny_checkpoint("chatglm2-6b")
     data = tmp_path / "d.jsonl"
     data.write_text('{"instruction": "你好", "output": "你好！"}\n{"instruction": 1}\n' * 4)
     args = ["train", "--model", str(model), "--data", str(data), "--output", str(tmp_path / "o")]
@@ -81,10 +80,13 @@ def test_train_refuses_bad_records_then_skips_them(tmp_path):
     assert len(rejected) == 4 and json.loads(rejected[0])["line"] == 2
 
 
-def test_full_training_lowers_the_loss(tmp_path):
-    model = need_shared(TINY / "chatglm2-6b-tiny")
+@pytest.mark.slow
+def test_full_training_lowers_the_loss(tmp_path, tiny_checkpoint, tiny_alpaca):
+    model = tiny_checkpoint("chatglm2-6b")
     out = tmp_path / "O"
-    result = cli(*train_args(model, out, "--method", "full", "--max-steps", "12", "--learning-rate", "1e-3"))
+    result = cli(
+        *train_args(model, tiny_alpaca, out, "--method", "full", "--max-steps", "12", "--learning-rate", "1e-3")
+    )
     assert result.returncode == 0, result.stderr
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert [e["step"] for e in log] == list(range(1, 13))
@@ -101,16 +103,17 @@ def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 240) -> None:
         time.sleep(0.1)
 
 
-def test_lora_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
-    model = need_shared(TINY / "chatglm2-6b-tiny")
+@pytest.mark.slow
+def test_lora_resume_after_sigkill_matches_uninterrupted_run(tmp_path, tiny_checkpoint, tiny_alpaca):
+    model = tiny_checkpoint("chatglm2-6b")
     lora = ["--method", "lora", "--learning-rate", "5e-3", "--save-steps", "5", "--max-steps", "10"]
-    assert cli(*train_args(model, tmp_path / "whole", *lora)).returncode == 0
-    cmd = [sys.executable, "-m", "chatglm_sft", *train_args(model, tmp_path / "killed", *lora)]
+    assert cli(*train_args(model, tiny_alpaca, tmp_path / "whole", *lora)).returncode == 0
+    cmd = [sys.executable, "-m", "chatglm_sft", *train_args(model, tiny_alpaca, tmp_path / "killed", *lora)]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     _wait_for(tmp_path / "killed" / "checkpoint-5", proc)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    resumed = cli(*train_args(model, tmp_path / "killed", *lora, "--resume", "auto"))
+    resumed = cli(*train_args(model, tiny_alpaca, tmp_path / "killed", *lora, "--resume", "auto"))
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming from" in resumed.stdout
     whole = load_file(str(tmp_path / "whole" / "adapter_model.safetensors"))
@@ -130,12 +133,21 @@ def test_lora_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
     assert (ours - base).abs().max() > 1e-3
 
 
-def test_lora_and_freeze_on_chatglm6b(tmp_path):
-    model = need_shared(TINY / "chatglm-6b-tiny")
+@pytest.mark.slow
+def test_lora_and_freeze_on_chatglm6b(tmp_path, tiny_checkpoint, tiny_alpaca):
+    model = tiny_checkpoint("chatglm-6b")
     for method in ("lora", "freeze"):
         result = cli(
             *train_args(
-                model, tmp_path / method, "--method", method, "--max-steps", "3", "--freeze-trainable-layers", "1"
+                model,
+                tiny_alpaca,
+                tmp_path / method,
+                "--method",
+                method,
+                "--max-steps",
+                "3",
+                "--freeze-trainable-layers",
+                "1",
             )
         )
         assert result.returncode == 0, result.stderr
@@ -143,9 +155,9 @@ def test_lora_and_freeze_on_chatglm6b(tmp_path):
     chatglm_sft.load_model(model, adapter=tmp_path / "lora")
 
 
-@pytest.mark.parametrize("name", ["chatglm2-6b-tiny", "chatglm-6b-tiny"])
-def test_packed_loss_equals_unpacked_loss(name):
-    folder = need_shared(TINY / name)
+@pytest.mark.parametrize("family", ["chatglm2-6b", "chatglm-6b"])
+def test_packed_loss_equals_unpacked_loss(tiny_checkpoint, family):
+    folder = tiny_checkpoint(family)
     model = chatglm_sft.load_model(folder, dtype=torch.float32)
     tok = chatglm_sft.load_tokenizer(folder)
     from chatglm_sft.conversation import encode_conversation
@@ -189,8 +201,9 @@ def test_shipped_recipes_load():
         load_config(recipe, {"model": "m", "data": "d", "output": "o"})
 
 
-def test_ddp_two_processes(tmp_path):
-    model = need_shared(TINY / "chatglm2-6b-tiny")
+@pytest.mark.slow
+def test_ddp_two_processes(tmp_path, tiny_checkpoint, tiny_alpaca):
+    model = tiny_checkpoint("chatglm2-6b")
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
     out = tmp_path / "ddp"
     result = subprocess.run(
@@ -198,7 +211,7 @@ def test_ddp_two_processes(tmp_path):
             *torchrun,
             "-m",
             "chatglm_sft",
-            *train_args(model, out, "--method", "lora", "--max-steps", "4", "--batch-size", "2"),
+            *train_args(model, tiny_alpaca, out, "--method", "lora", "--max-steps", "4", "--batch-size", "2"),
         ],
         capture_output=True,
         text=True,
@@ -208,13 +221,13 @@ def test_ddp_two_processes(tmp_path):
     # Gradients of 2 processes x 2 examples equal 1 process x 4 examples (token-weighted loss).
     script = str(HERE / "ddp_grads.py")
     two = subprocess.run(
-        [*torchrun, script, str(model), str(ALPACA), str(tmp_path / "g2"), "2", str(tmp_path / "two.pt")],
+        [*torchrun, script, str(model), str(tiny_alpaca), str(tmp_path / "g2"), "2", str(tmp_path / "two.pt")],
         capture_output=True,
         text=True,
     )
     assert two.returncode == 0, two.stderr[-2000:]
     one = subprocess.run(
-        [sys.executable, script, str(model), str(ALPACA), str(tmp_path / "g1"), "4", str(tmp_path / "one.pt")],
+        [sys.executable, script, str(model), str(tiny_alpaca), str(tmp_path / "g1"), "4", str(tmp_path / "one.pt")],
         capture_output=True,
         text=True,
     )
