@@ -1,0 +1,154 @@
+"""`chatglm-sft train --objective dpo|orpo|simpo` end to end on the tiny checkpoints: the acceptance calls in real
+subprocesses, the rest through the same `train(config)` in this process (one import of torch, not one per run)."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+
+import pytest
+
+from chatglm_sft.errors import UserError
+from chatglm_sft.options import OptionError
+from chatglm_sft.train.config import load_config
+from chatglm_sft.train.loop import train as run_training
+from chatglm_sft.train.preference import METRICS
+from tests.conftest import cli
+from tests.preference.pairs_data import arithmetic_pairs, write_pairs
+
+
+def train(model, data, out, *extra):
+    """The CLI in a subprocess."""
+    args = ("--model", str(model), "--data", str(data), "--output", str(out), "--precision", "fp32", *extra)
+    result = cli("train", *args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def train_here(capsys, model, data, out, **options) -> str:
+    """`train(config)` in this process; returns what it printed."""
+    values = {"model": str(model), "data": str(data), "output": str(out), "precision": "fp32"} | options
+    run_training(load_config(None, values, check_paths_exist=True))
+    return capsys.readouterr().out
+
+
+def train_log(out) -> list[dict]:
+    return [e for e in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if "loss" in e]
+
+
+@pytest.fixture
+def pairs(tmp_path):
+    return write_pairs(tmp_path / "pairs.json", arithmetic_pairs(32))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["chatglm2-6b", "chatglm-6b"])
+def test_dpo_lora_starts_at_ln2_and_learns_the_preference(tiny_checkpoint, tmp_path, pairs, family):
+    out = tmp_path / "out"
+    args = ("--objective", "dpo", "--method", "lora", "--max-steps", "40")
+    result = train(tiny_checkpoint(family), pairs, out, *args)
+    assert "reference: the base model (the adapter disabled)" in result.stdout
+    log = train_log(out)
+    assert len(log) == 40 and all(set(METRICS) <= set(e) for e in log)
+    assert log[0]["loss"] == pytest.approx(math.log(2), abs=1e-3)  # policy = reference at the start
+    assert log[-1]["rewards/margins"] > 0
+    assert log[-1]["rewards/accuracies"] >= 0.9
+    assert (out / "adapter_model.safetensors").is_file() and (out / "loss.png").is_file()
+    assert any((out / "tensorboard").iterdir())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("objective", ["orpo", "simpo"])
+def test_orpo_and_simpo_losses_fall(tiny_checkpoint, tmp_path, pairs, objective):
+    out = tmp_path / objective
+    args = ("--objective", objective, "--max-steps", "16", "--learning-rate", "1e-3", "--batch-size", "8")
+    result = train(tiny_checkpoint("chatglm2-6b"), pairs, out, *args)
+    assert "reference" not in result.stdout  # neither uses one
+    losses = [e["loss"] for e in train_log(out)]
+    assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4
+    assert train_log(out)[-1]["rewards/margins"] > train_log(out)[0]["rewards/margins"]
+
+
+def test_ref_adapter_continues_the_sft_adapter_as_reference(tiny_checkpoint, tmp_path, pairs, capsys):
+    """From an SFT adapter, the reference is base + that adapter: the first loss is ln 2 again (with the bare base
+    as reference it is not), and training continues the adapter."""
+    model = tiny_checkpoint("chatglm2-6b")
+    sft_data = tmp_path / "sft.json"
+    records = arithmetic_pairs(32)
+    sft_data.write_text(json.dumps([{"instruction": r["instruction"], "output": r["chosen"]} for r in records]))
+    sft = tmp_path / "sft"
+    train_here(capsys, model, sft_data, sft, max_steps=4, learning_rate=1e-2, lora_dropout=0.0)
+    out = tmp_path / "dpo"
+    printed = train_here(capsys, model, pairs, out, objective="dpo", ref_adapter=str(sft), max_steps=2)
+    assert f"the adapter {sft}" in printed
+    first = train_log(out)[0]
+    assert first["loss"] == pytest.approx(math.log(2), abs=1e-3)
+    # the policy started from the SFT adapter, so its log-probabilities are the SFT model's, not the base's
+    base = tmp_path / "base"
+    train_here(capsys, model, pairs, base, objective="dpo", max_steps=1)
+    assert abs(first["logps/chosen"] - train_log(base)[0]["logps/chosen"]) > 1e-2
+    assert (out / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.parametrize(
+    ("method", "extra", "said"),
+    [
+        ("full", {"ref_model": "MODEL"}, "the model in"),
+        ("freeze", {}, "computed once before training"),
+        ("lora", {"precompute_ref": True}, "computed once before training"),
+    ],
+)
+def test_references_all_start_at_ln2(tiny_checkpoint, tmp_path, pairs, capsys, method, extra, said):
+    model = tiny_checkpoint("chatglm2-6b")
+    extra = {k: str(model) if v == "MODEL" else v for k, v in extra.items()}
+    out = tmp_path / method
+    printed = train_here(capsys, model, pairs, out, objective="dpo", method=method, max_steps=1, **extra)
+    assert said in printed
+    assert train_log(out)[0]["loss"] == pytest.approx(math.log(2), abs=1e-3)
+
+
+def test_eval_split_logs_held_out_rewards(tiny_checkpoint, tmp_path, pairs, capsys):
+    out = tmp_path / "out"
+    train_here(capsys, tiny_checkpoint("chatglm2-6b"), pairs, out, objective="simpo", max_steps=1, eval_split=0.25)
+    entries = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    evals = [e for e in entries if "eval_loss" in e]
+    assert evals and all(f"eval_{m}" in evals[-1] for m in METRICS)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"objective": "dpo", "packing": True}, "--packing"),
+        ({"objective": "orpo", "precompute_ref": True}, "--precompute-ref"),
+        ({"objective": "dpo", "method": "full", "ref_adapter": "."}, "--ref-adapter"),
+    ],
+)
+def test_refused_options_name_the_option(tiny_checkpoint, tmp_path, pairs, capsys, options, message):
+    with pytest.raises(UserError, match=message):
+        train_here(capsys, tiny_checkpoint("chatglm2-6b"), pairs, tmp_path / "o", **options)
+    with pytest.raises(OptionError, match="--objective"):
+        load_config(None, {"model": "m", "data": "d", "output": "o", "objective": "kto"})
+
+
+def test_cli_refuses_pairs_with_packing_in_one_line(tiny_checkpoint, tmp_path, pairs):
+    result = cli("train", "--model", str(tiny_checkpoint("chatglm2-6b")), "--data", str(pairs), "--output",
+                 str(tmp_path / "o"), "--objective", "dpo", "--packing")  # fmt: skip
+    assert result.returncode != 0
+    assert "--packing" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_dpo_resume_continues_exactly(tiny_checkpoint, tmp_path, pairs, capsys):
+    model = tiny_checkpoint("chatglm2-6b")
+    whole = tmp_path / "whole"
+    options = {"objective": "dpo", "max_steps": 4, "save_steps": 2, "batch_size": 2}
+    train_here(capsys, model, pairs, whole, **options)
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(whole / "checkpoint-2", resumed / "checkpoint-2")
+    assert "resuming from" in train_here(capsys, model, pairs, resumed, **options, resume="auto")
+    expected, got = train_log(whole), train_log(resumed)
+    assert [e["step"] for e in got] == [1, 2, 3, 4]
+    for a, b in zip(expected[2:], got[2:], strict=True):
+        assert b["loss"] == pytest.approx(a["loss"], abs=1e-6)
+        assert b["rewards/margins"] == pytest.approx(a["rewards/margins"], abs=1e-6)
