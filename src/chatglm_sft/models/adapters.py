@@ -17,6 +17,7 @@ from transformers import PreTrainedModel
 from chatglm_sft.errors import UserError
 from chatglm_sft.families import Family, read_json
 from chatglm_sft.models.architectures import architecture_of
+from chatglm_sft.models.checkpoint import iter_shards
 
 
 def _adapter_state(adapter_dir: Path) -> dict[str, torch.Tensor]:
@@ -73,16 +74,14 @@ def _load_thudm_lora(model: PreTrainedModel, adapter_dir: Path, config: dict, fa
 
 
 def _prefix_state(folder: Path) -> dict[str, torch.Tensor]:
-    for name in ("pytorch_model.bin", "model.safetensors"):
-        path = folder / name
-        if path.is_file():
-            try:
-                if path.suffix == ".bin":
-                    return torch.load(path, map_location="cpu", weights_only=True)
-                return load_file(str(path))
-            except Exception as e:  # damaged files raise many types
-                raise UserError(f"{path}: cannot read prefix weights ({type(e).__name__}: {e})") from None
-    raise UserError(f"{folder}: no pytorch_model.bin or model.safetensors with the prefix encoder")
+    """The prefix encoder's tensors in `folder`'s weight files: a prefix-only file (what training writes), or a
+    whole model in THUDM's P-Tuning layout."""
+    state = {}
+    for shard in iter_shards(folder):
+        state.update({name: tensor for name, tensor in shard.items() if "prefix_encoder." in name})
+    if not state:
+        raise UserError(f"{folder}: no prefix encoder tensors (transformer.prefix_encoder.*) in its weights")
+    return state
 
 
 def load_prefix(model: PreTrainedModel, folder: Path, family: Family) -> PreTrainedModel:
@@ -91,8 +90,6 @@ def load_prefix(model: PreTrainedModel, folder: Path, family: Family) -> PreTrai
     state = _prefix_state(folder)
     prefix = {}
     for name, tensor in state.items():
-        if "prefix_encoder." not in name:
-            raise UserError(f"{folder}: unexpected tensor {name!r} in a P-Tuning checkpoint")
         prefix[name.split("prefix_encoder.", 1)[1]] = tensor
     arch = architecture_of(family)
     model = arch.add_prefix(model, int(config["pre_seq_len"]), bool(config.get("prefix_projection")))
@@ -105,12 +102,28 @@ def load_prefix(model: PreTrainedModel, folder: Path, family: Family) -> PreTrai
     return model.eval()
 
 
+def is_prefix(adapter_dir: str | Path) -> bool:
+    """Whether `adapter_dir` holds a P-Tuning v2 prefix (THUDM's layout) rather than a PEFT adapter."""
+    folder = Path(adapter_dir)
+    config = folder / "config.json"
+    return (
+        not (folder / "adapter_config.json").is_file()
+        and config.is_file()
+        and bool(read_json(config).get("pre_seq_len"))
+    )
+
+
+def merge_lora(model):
+    """The model with a LoRA adapter merged into its weights; a P-Tuning prefix cannot be merged and stays its own
+    module (in floating point)."""
+    return model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
+
+
 def load_adapter(model: PreTrainedModel, adapter_dir: str | Path, family: Family):
     """Wrap `model` in a `peft.PeftModel` with the adapter in `adapter_dir`, or add a P-Tuning prefix."""
     adapter_dir = Path(adapter_dir)
     config_path = adapter_dir / "adapter_config.json"
-    prefix_config = adapter_dir / "config.json"
-    if not config_path.is_file() and prefix_config.is_file() and read_json(prefix_config).get("pre_seq_len"):
+    if is_prefix(adapter_dir):
         return load_prefix(model, adapter_dir, family)
     if not config_path.is_file():
         raise UserError(f"{adapter_dir}: not a PEFT adapter folder (no adapter_config.json)")

@@ -28,6 +28,9 @@ _DTYPES = {
 }
 
 
+PREFIX_TENSORS = "transformer.prefix_encoder."
+"""THUDM's name for a P-Tuning v2 prefix encoder's tensors."""
+
 def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     """Accept a `torch.dtype`, a name such as ``bf16``/``float32``, or None."""
     if dtype is None or isinstance(dtype, torch.dtype):
@@ -55,10 +58,14 @@ def _assign_shards(
     device: torch.device | str,
 ) -> None:
     expected = {name: t.shape for name, t in model.state_dict().items()}
+    # A saved quantized model's buffers (int8/int4 codes, bf16 scales) keep their stored dtype.
+    keep_dtype = {name for name, _ in model.named_buffers()}
     loaded: set[str] = set()
     for shard in iter_shards(model_dir):
         converted = {}
         for name, tensor in shard.items():
+            if not native and name.startswith(PREFIX_TENSORS):
+                continue  # a P-Tuning prefix among THUDM's weights: load_model adds it after the base
             pairs = [(name, tensor)] if native else arch.tensor_from_thudm(name, tensor, model.config)
             for new_name, new_tensor in pairs:
                 if new_name not in expected:
@@ -68,7 +75,8 @@ def _assign_shards(
                         f"{model_dir}: tensor {name!r} has shape {tuple(new_tensor.shape)}, "
                         f"config implies {tuple(expected[new_name])}"
                     )
-                converted[new_name] = new_tensor.to(device=device, dtype=dtype)
+                keep = new_name in keep_dtype
+                converted[new_name] = new_tensor.to(device=device, dtype=None if keep else dtype)
         model.load_state_dict(converted, strict=False, assign=True)
         loaded.update(converted)
         del shard, converted
@@ -77,6 +85,13 @@ def _assign_shards(
         names = sorted({n if native else arch.thudm_name(n) for n in missing})
         shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
         raise UserError(f"{model_dir}: checkpoint is missing tensor(s) {shown}")
+
+
+def _check_saved_quantization(model_dir: Path, saved: str, quantize: str | None, adapter) -> None:
+    if quantize is not None and quantize != saved:
+        raise UserError(f"{model_dir}: the model was exported quantized to {saved}; --quantize {quantize} cannot be")
+    if adapter is not None:
+        raise UserError(f"{model_dir}: an adapter cannot be merged into a model exported quantized; export it merged")
 
 
 def load_model(
@@ -107,10 +122,24 @@ def load_model(
     config.dtype = dtype
     with init_empty_weights(include_buffers=False):
         model = arch.model_class(config)
+    saved_quantization = raw.get("chatglm_sft_quantization")
+    if saved_quantization:
+        from chatglm_sft.models.quantize import finish_quantized, prepare_quantized
+
+        _check_saved_quantization(model_dir, saved_quantization, quantize, adapter)
+        quantize = None  # already quantized: the codes are loaded as they were saved
+        with torch.device("meta"):
+            prepare_quantized(model, saved_quantization)
     _assign_shards(model, model_dir, arch, native, dtype, device or "cpu")
+    if saved_quantization:
+        finish_quantized(model)
     model.config.chatglm_sft_family = fam.name
     model.generation_config = GenerationConfig(eos_token_id=fam.stop_ids, pad_token_id=fam.pad_id)
     model.eval()
+    if not native and raw.get("pre_seq_len"):  # THUDM's P-Tuning layout (also what `export --format thudm` writes)
+        from chatglm_sft.models.adapters import load_prefix
+
+        model = load_prefix(model, model_dir, fam)
     if adapter is not None:
         from chatglm_sft.models.adapters import load_adapter
 
@@ -119,6 +148,8 @@ def load_model(
         from chatglm_sft.models.quantize import quantize_model
 
         if adapter is not None:
-            model = model.merge_and_unload()
+            from chatglm_sft.models.adapters import merge_lora
+
+            model = merge_lora(model)  # LoRA into the weights; a P-Tuning prefix stays in floating point
         model = quantize_model(model, quantize)
     return model

@@ -102,7 +102,8 @@ class GlmPrefixForCausalLM(GlmForCausalLM):
     ):
         cache = cache if cache is not None else past_key_values
         batch, length = input_ids.shape
-        cache = prefixed_cache(self.prefix_encoder, cache, batch, self.lm_head.weight.dtype)
+        # The embeddings' dtype: the output layer may be quantized, the embeddings never are.
+        cache = prefixed_cache(self.prefix_encoder, cache, batch, self.get_input_embeddings().weight.dtype)
         prefix = self.prefix_encoder.pre_seq_len
         past = cache.get_seq_length() - prefix
         real = torch.ones(batch, past + length, dtype=torch.long, device=input_ids.device)

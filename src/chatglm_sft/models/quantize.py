@@ -3,11 +3,18 @@
 Both use PyTorch's own packed-weight kernels (the ones gpt-fast made known): `_weight_int8pack_mm` (int8 weights,
 one scale per output channel) and `_weight_int4pack_mm[_for_cpu]` (int4 weights in groups along the input, a
 scale and a zero point per group). Activations go in as bfloat16, the dtype those kernels are fast in, and come
-out in the model's dtype. The embeddings and the output layer stay in full precision: they are a lookup and the
-one matmul whose errors reach the logits directly.
+out in the model's dtype. The output layer is quantized too (as chatglm.cpp does): at batch 1 decoding reads every
+weight once per token, and the 65k-151k-entry output layer is a large share of them. The embeddings stay in full
+precision: a lookup reads one row per token.
+
+A quantized model can be saved (`quantized_state`) and loaded back without quantizing again (`prepare_quantized`
+before the tensors are assigned, `finish_quantized` after): int4 codes are saved in a portable layout
+(`weight_uint4`: two codes a byte, the even column in the high nibble) and packed for the device's kernel at load.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -23,17 +30,32 @@ def _int4_group_size(in_features: int) -> int | None:
     return None
 
 
+def _bias(linear: nn.Linear) -> nn.Parameter | None:
+    return None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+
+
+def int8_codes(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 with one scale per output channel: (codes int8 [out, in], scales [out])."""
+    w = w.detach().float()
+    scale = (w.abs().amax(dim=1) / 127).clamp(min=1e-12)
+    return (w / scale[:, None]).round().clamp(-128, 127).to(torch.int8), scale
+
+
 class Int8Linear(nn.Module):
     """y = x @ (q * scale).T + b, with q int8 [out, in] and one scale per output channel."""
 
-    def __init__(self, linear: nn.Linear):
+    def __init__(self, linear: nn.Linear | None = None, *, shape: tuple[int, int] | None = None, bias: bool = False):
+        """From a float `linear`, or (`shape` = (out, in)) an empty module whose buffers a state dict fills."""
         super().__init__()
-        w = linear.weight.detach().float()
-        scale = (w.abs().amax(dim=1) / 127).clamp(min=1e-12)
-        self.register_buffer("weight_int8", (w / scale[:, None]).round().clamp(-128, 127).to(torch.int8))
+        if linear is not None:
+            q, scale = int8_codes(linear.weight)
+            self.bias = _bias(linear)
+        else:
+            q, scale = torch.empty(shape, dtype=torch.int8), torch.empty(shape[0])
+            self.bias = nn.Parameter(torch.empty(shape[0]), requires_grad=False) if bias else None
+        self.register_buffer("weight_int8", q)
         self.register_buffer("scale", scale.to(_COMPUTE))
-        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
-        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.out_features, self.in_features = q.shape
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -42,57 +64,157 @@ class Int8Linear(nn.Module):
         return y if self.bias is None else y + self.bias.to(x.dtype)
 
 
-class Int4Linear(nn.Module):
-    """Asymmetric int4 in groups of `group_size` input columns: w = q * scale + min (q in 0..15)."""
+def int4_codes(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Asymmetric int4 in groups of `group_size` input columns: (codes 0..15 int32 [out, in], scales_and_zeros
+    [in / group, out, 2] in bfloat16), with w ~ (q - 8) * scale + zero as the kernels compute it."""
+    w = w.detach().float()
+    out_f, in_f = w.shape
+    groups = w.reshape(out_f, in_f // group_size, group_size)
+    low, high = groups.amin(-1, keepdim=True), groups.amax(-1, keepdim=True)
+    scale = ((high - low) / 15).clamp(min=1e-12)
+    q = ((groups - low) / scale).round().clamp(0, 15).to(torch.int32).reshape(out_f, in_f)
+    zero = low + 8 * scale  # the kernels compute (q - 8) * scale + zero: the group minimum plus 8 steps
+    scales_zeros = torch.stack([scale.squeeze(-1).t(), zero.squeeze(-1).t()], dim=-1).contiguous()
+    return q, scales_zeros.to(_COMPUTE)
 
-    def __init__(self, linear: nn.Linear, group_size: int):
+
+def _pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """Codes in the layout of the device's kernel."""
+    if q.device.type == "cpu":
+        return torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 8)
+    return torch.ops.aten._convert_weight_to_int4pack((q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8), 8)
+
+
+def portable_int4(q: torch.Tensor) -> torch.Tensor:
+    """Codes two a byte, the even column in the high nibble: the saved layout, the same on every device."""
+    return (q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8)
+
+
+def _unpack_portable(packed: torch.Tensor) -> torch.Tensor:
+    q = torch.stack([packed >> 4, packed & 15], dim=-1).to(torch.int32)
+    return q.reshape(packed.shape[0], -1)
+
+
+class Int4Linear(nn.Module):
+    """Asymmetric int4 in groups of `group_size` input columns: w = (q - 8) * scale + zero (q in 0..15)."""
+
+    def __init__(
+        self,
+        linear: nn.Linear | None,
+        group_size: int,
+        *,
+        shape: tuple[int, int] | None = None,
+        bias: bool = False,
+    ):
+        """From a float `linear`, or (`shape` = (out, in)) an empty module that a saved state fills (its codes come
+        in the portable layout and are packed for the device as they are loaded)."""
         super().__init__()
-        w = linear.weight.detach().float()
-        out_f, in_f = w.shape
-        groups = w.reshape(out_f, in_f // group_size, group_size)
-        low, high = groups.amin(-1, keepdim=True), groups.amax(-1, keepdim=True)
-        scale = ((high - low) / 15).clamp(min=1e-12)
-        q = ((groups - low) / scale).round().clamp(0, 15).to(torch.int32).reshape(out_f, in_f)
-        # The kernels compute (q - 8) * scale + zero, so the zero point is the group minimum plus 8 steps.
-        zero = low + 8 * scale
-        self.cpu = w.device.type == "cpu"
-        if self.cpu:
-            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 8)
+        if linear is not None:
+            q, scales_zeros = int4_codes(linear.weight, group_size)
+            self.register_buffer("weight_int4", _pack_int4(q))
+            self.bias = _bias(linear)
         else:
-            packed = torch.ops.aten._convert_weight_to_int4pack((q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8), 8)
-        self.register_buffer("weight_int4", packed)
-        scales_zeros = torch.stack([scale.squeeze(-1).t(), zero.squeeze(-1).t()], dim=-1).contiguous()
-        self.register_buffer("scales_and_zeros", scales_zeros.to(_COMPUTE))
-        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
-        self.group_size, self.in_features, self.out_features = group_size, in_f, out_f
+            out_f, in_f = shape
+            self.register_buffer("weight_uint4", torch.empty(out_f, in_f // 2, dtype=torch.uint8))
+            scales_zeros = torch.empty(in_f // group_size, out_f, 2, dtype=_COMPUTE)
+            self.bias = nn.Parameter(torch.empty(out_f), requires_grad=False) if bias else None
+        self.register_buffer("scales_and_zeros", scales_zeros)
+        self.group_size = group_size
+        self.out_features, self.in_features = scales_zeros.shape[1], scales_zeros.shape[0] * group_size
+
+    def pack_loaded(self) -> None:
+        """Codes loaded in the portable layout (`weight_uint4`) -> the layout of the kernel on their device."""
+        self.weight_int4 = _pack_int4(_unpack_portable(self.weight_uint4))
+        del self.weight_uint4
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        flat = x.reshape(-1, shape[-1]).to(_COMPUTE)
-        mm = torch.ops.aten._weight_int4pack_mm_for_cpu if self.cpu else torch.ops.aten._weight_int4pack_mm
-        y = mm(flat, self.weight_int4, self.group_size, self.scales_and_zeros)
+        flat = x.reshape(-1, shape[-1]).to(_COMPUTE).contiguous()  # the kernel takes contiguous rows only
+        if self.weight_int4.device.type == "cpu":
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(
+                flat, self.weight_int4, self.group_size, self.scales_and_zeros
+            )
+        else:
+            y = torch.ops.aten._weight_int4pack_mm(flat, self.weight_int4, self.group_size, self.scales_and_zeros)
         y = y.reshape(*shape[:-1], self.out_features).to(x.dtype)
         return y if self.bias is None else y + self.bias.to(x.dtype)
 
 
-def quantize_model(model: nn.Module, mode: str) -> nn.Module:
-    """Replace the decoder's `nn.Linear` layers (not the output layer) in place; returns the model."""
+def _check_mode(mode: str) -> None:
     if mode not in MODES:
         from chatglm_sft.errors import UserError
 
         raise UserError(f"unknown quantization {mode!r}; use int8 or int4")
-    output = model.get_output_embeddings()
-    for parent in list(model.modules()):
+
+
+def _targets(model: nn.Module, mode: str) -> Iterator[tuple[str, nn.Module, str, nn.Linear, int | None]]:
+    """Every linear layer to quantize: (qualified name, parent, attribute, layer, int4 group size or None for
+    int8). Shapes the int4 kernel cannot take fall back to int8."""
+    for parent_name, parent in list(model.named_modules()):
+        if "prefix_encoder" in parent_name.split("."):  # a P-Tuning prefix is tiny and stays in floating point
+            continue
         for name, child in list(parent.named_children()):
-            if not isinstance(child, nn.Linear) or child is output:
+            if not isinstance(child, nn.Linear):
                 continue
-            if mode == "int8":
-                setattr(parent, name, Int8Linear(child))
-            elif (group := _int4_group_size(child.in_features)) is not None and child.out_features % 8 == 0:
-                setattr(parent, name, Int4Linear(child, group))
-            else:
-                setattr(parent, name, Int8Linear(child))  # shapes the int4 kernel cannot take
+            group = _int4_group_size(child.in_features) if mode == "int4" and child.out_features % 8 == 0 else None
+            yield f"{parent_name}.{name}" if parent_name else name, parent, name, child, group
+
+
+def quantize_model(model: nn.Module, mode: str) -> nn.Module:
+    """Replace every `nn.Linear` (the output layer too) in place; returns the model."""
+    _check_mode(mode)
+    for _, parent, name, linear, group in _targets(model, mode):
+        setattr(parent, name, Int8Linear(linear) if group is None else Int4Linear(linear, group))
     model.config.chatglm_sft_quantization = mode
+    return model.eval()
+
+
+def quantized_state(model: nn.Module, mode: str) -> dict[str, torch.Tensor]:
+    """The state of `model` quantized to `mode`, for saving: float tensors as they are, quantized layers as int8
+    weights and scales, or int4 codes (`weight_uint4`, portable) with their scales and zero points. The model is
+    not changed."""
+    _check_mode(mode)
+    replaced: dict[str, dict[str, torch.Tensor]] = {}
+    for qualified, _, _, linear, group in _targets(model, mode):
+        if group is None:
+            layer = Int8Linear(linear)
+            tensors = {"weight_int8": layer.weight_int8, "scale": layer.scale}
+        else:
+            q, scales_zeros = int4_codes(linear.weight, group)
+            tensors = {"weight_uint4": portable_int4(q), "scales_and_zeros": scales_zeros}
+        if linear.bias is not None:
+            tensors["bias"] = linear.bias.detach()
+        replaced[qualified] = tensors
+    state = {}
+    for name, tensor in model.state_dict().items():
+        owner, _, leaf = name.rpartition(".")
+        if owner in replaced:
+            continue
+        state[name] = tensor
+    for owner, tensors in replaced.items():
+        state |= {f"{owner}.{leaf}": t.contiguous() for leaf, t in tensors.items()}
+    return state
+
+
+def prepare_quantized(model: nn.Module, mode: str) -> nn.Module:
+    """Replace the linear layers of a model built on the meta device by empty quantized ones, so a state saved by
+    `quantized_state` can be assigned into it; `finish_quantized` afterwards."""
+    _check_mode(mode)
+    for _, parent, name, linear, group in _targets(model, mode):
+        shape, bias = (linear.out_features, linear.in_features), linear.bias is not None
+        empty = (
+            Int8Linear(shape=shape, bias=bias) if group is None else Int4Linear(None, group, shape=shape, bias=bias)
+        )
+        setattr(parent, name, empty)
+    model.config.chatglm_sft_quantization = mode
+    return model
+
+
+def finish_quantized(model: nn.Module) -> nn.Module:
+    """Pack the int4 codes a `prepare_quantized` model was loaded with for its device's kernel."""
+    for module in model.modules():
+        if isinstance(module, Int4Linear) and hasattr(module, "weight_uint4"):
+            module.pack_loaded()
     return model.eval()
 
 
