@@ -24,7 +24,13 @@ def _cmd_export(opts) -> int:
 
     model = opts.ref.model
     out = export_model(
-        model, opts.output, fmt=opts.format, adapter=opts.adapter, family=opts.ref.family, dtype=opts.dtype
+        model,
+        opts.output,
+        fmt=opts.format,
+        adapter=opts.adapter,
+        family=opts.ref.family,
+        dtype=opts.dtype,
+        quantize=opts.quantize,
     )
     print(f"exported {model} -> {out} ({opts.format})")
     return 0

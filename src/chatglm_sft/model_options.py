@@ -76,3 +76,5 @@ class ExportOptions:
     """Adapter folder: LoRA is merged into the weights; a P-Tuning prefix is written beside them (thudm only)."""
     dtype: str | None = option(None, choices=DTYPES)
     """Weights dtype (default: as stored; float32 when merging an adapter)."""
+    quantize: str | None = option(None, choices=QUANTIZE)
+    """Write the weights quantized (hf only; the output layer too): the folder loads without quantizing again."""
