@@ -17,12 +17,17 @@ import chatglm_sft
 from chatglm_sft.errors import UserError
 from chatglm_sft.train.config import load_config
 from chatglm_sft.train.parallel import choose_strategy, deepspeed_config
-from tests.conftest import DATA, TINY, need_shared
 
-ALPACA = DATA / "alpaca" / "alpaca_zh_demo.json"
 CONFIGS = Path(__file__).parents[2] / "configs"
 # Enough steps for AdamW to move every weight, few enough for float rounding to stay far below the tolerance.
 STEPS = ["--max-steps", "4", "--save-steps", "2", "--learning-rate", "2e-3"]
+INPUTS: dict[str, Path] = {}
+"""The base model and the training data of this module's runs (see `inputs`)."""
+
+
+@pytest.fixture(scope="module", autouse=True)
+def inputs(tiny_checkpoint, tiny_alpaca):
+    INPUTS.update(model=tiny_checkpoint("chatglm2-6b"), data=tiny_alpaca)
 
 
 def train(output: Path, processes: int, *extra: str) -> subprocess.CompletedProcess:
@@ -31,7 +36,7 @@ def train(output: Path, processes: int, *extra: str) -> subprocess.CompletedProc
         launcher += ["-m", "torch.distributed.run", "--nproc-per-node", str(processes)]
     batch = str(4 // processes)  # the same 4 examples per step however many processes share them
     args = [
-        *("-m", "chatglm_sft", "train", "--model", str(TINY / "chatglm2-6b-tiny"), "--data", str(ALPACA)),
+        *("-m", "chatglm_sft", "train", "--model", str(INPUTS["model"]), "--data", str(INPUTS["data"])),
         *("--output", str(output), "--max-samples", "24", "--batch-size", batch, "--precision", "fp32"),
         *("--lora-dropout", "0", "--group-by-length", "false", *STEPS, *extra),
     ]
@@ -51,7 +56,7 @@ def logits(output: Path) -> torch.Tensor:
     """The trained model's logits on a fixed input. Compared as functions, not tensor by tensor: some weights (the
     key biases, to which softmax is blind) get gradients that are pure rounding noise, which AdamW turns into
     learning-rate-sized steps that differ between any two summation orders and change no output."""
-    base = TINY / "chatglm2-6b-tiny"
+    base = INPUTS["model"]
     ids = torch.tensor([[64790, 64792, 30910, 100, 200, 300, 400, 500]])
     adapter = output if (output / "adapter_config.json").exists() else None
     model = chatglm_sft.load_model(base if adapter else output, dtype=torch.float32, adapter=adapter)
@@ -62,7 +67,7 @@ def logits(output: Path) -> torch.Tensor:
 def assert_same_model(a: Path, b: Path) -> None:
     la, lb = logits(a), logits(b)
     assert (la - lb).abs().max().item() <= 1e-4 * la.abs().max().item()
-    base = chatglm_sft.load_model(TINY / "chatglm2-6b-tiny", dtype=torch.float32)
+    base = chatglm_sft.load_model(INPUTS["model"], dtype=torch.float32)
     with torch.no_grad():
         untrained = base(torch.tensor([[64790, 64792, 30910, 100, 200, 300, 400, 500]])).logits
     assert (la - untrained).abs().max().item() > 1e-3  # it did train
@@ -88,7 +93,6 @@ def resume_from_checkpoint(whole: Path, again: Path, processes: int, *extra: str
 @pytest.fixture(scope="module")
 def one_process(tmp_path_factory):
     """The reference: one process, 4 examples per step; trained once per method for the whole module."""
-    need_shared(TINY / "chatglm2-6b-tiny")
     done = {}
 
     def result(method: str) -> Path:
@@ -100,6 +104,7 @@ def one_process(tmp_path_factory):
     return result
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["lora", "full"])
 def test_fsdp_matches_one_process(tmp_path, method, one_process):
     one = one_process(method)
@@ -111,6 +116,7 @@ def test_fsdp_matches_one_process(tmp_path, method, one_process):
         resume_from_checkpoint(fsdp, tmp_path / "again", 2, "--method", method, "--distributed", "fsdp")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage,method", [(2, "lora"), (3, "lora"), (3, "full")])
 def test_deepspeed_zero_matches_one_process(tmp_path, stage, method, one_process):
     pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (pip install deepspeed)")
