@@ -39,7 +39,7 @@ PUBLISHED: dict[str, PublishedShape] = {
     "chatglm-6b": PublishedShape(vocab=130528, weights="bin"),
     "chatglm2-6b": PublishedShape(vocab=65024),
     "chatglm3-6b": PublishedShape(vocab=65024, seq_length=8192),
-    "glm-4": PublishedShape(vocab=151552, eps=1.5625e-7, rope_ratio=500),
+    "glm-4": PublishedShape(vocab=151552, eps=1.5625e-7, rope_ratio=500, seq_length=131072),
 }
 
 

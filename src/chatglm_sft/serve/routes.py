@@ -28,6 +28,7 @@ from chatglm_sft.serve import convert
 from chatglm_sft.serve.metrics import Metrics
 from chatglm_sft.serve.scheduler import Job, QueueFull, Scheduler
 from chatglm_sft.serve.schemas import ChatRequest, CompletionRequest, SamplingFields, TextGenerateRequest
+from chatglm_sft.tools import decode_reply
 
 router = APIRouter()
 
@@ -97,8 +98,17 @@ async def models(request: Request):
 async def chat_completions(body: ChatRequest, request: Request):
     server = server_of(request)
     adapter = adapter_for(server, body.model)
-    prompt = await tokenize(server, lambda: chat_ids(server, convert.conversation_of(body)), "messages")
+    family, tools, forced = server.engine.family, convert.tools_of(body), convert.forced_call(body)
+    if body.tools and family.tool_format is None:
+        reason = f"{family.name} has no tool-calling format (tools work with ChatGLM3 and GLM-4)"
+        raise ApiError(400, reason, param="tools")
+    # A forced call: the assistant turn starts with its header (the tool name line), and the model writes the rest.
+    header = server.engine.tokenizer.encode_plain(f"{forced}\n") if forced and tools else []
+    conversation = convert.conversation_of(body)
+    prompt = await tokenize(server, lambda: chat_ids(server, conversation, tools) + header, "messages")
     job = submit(server, "chatcmpl", prompt, params_of(server, body, len(prompt)), adapter, body.model)
+    if tools:
+        return await tool_reply(server, job, request, body, header)
     if body.stream:
 
         def chunk(delta: dict, reason=None) -> dict:
@@ -115,6 +125,36 @@ async def chat_completions(body: ChatRequest, request: Request):
     text, reason = await collect(job, request)
     choice = {"message": convert.response_message(text, server.engine.family), "finish_reason": reason}
     return envelope(server, job, "chat.completion", choice, usage=usage(job))
+
+
+async def tool_reply(server: ServerState, job: Job, request: Request, body: ChatRequest, header: list[int]):
+    """A reply generated with tools: read whole (a call is only known to be one once it is complete), then answered
+    as a message with `tool_calls`, or streamed as OpenAI's deltas (text, then each call's name and arguments)."""
+
+    def message_of(reason: str) -> tuple[dict, str]:
+        reply = decode_reply(server.engine.tokenizer, header + job.token_ids)
+        message, called = convert.tool_response(reply, server.engine.family, body.tools)
+        return message, called or reason
+
+    if not body.stream:
+        message, reason = message_of((await collect(job, request))[1])
+        choice = {"message": message, "finish_reason": reason}
+        return envelope(server, job, "chat.completion", choice, usage=usage(job))
+
+    async def chunks() -> AsyncIterator[dict]:
+        def chunk(delta: dict, reason=None) -> dict:
+            return envelope(server, job, "chat.completion.chunk", {"delta": delta, "finish_reason": reason})
+
+        yield chunk(convert.first_delta())
+        done = [value async for kind, value in events(job) if kind == "done"]
+        message, reason = message_of(done[-1])
+        for delta in convert.tool_deltas(message):
+            yield chunk(delta)
+        yield chunk({}, reason)
+        if body.include_usage:
+            yield envelope(server, job, "chat.completion.chunk", None, usage=usage(job))
+
+    return sse(job, request, chunks())
 
 
 @router.post("/v1/completions")
@@ -162,8 +202,9 @@ def adapter_for(server: ServerState, name: str | None) -> str | None:
     raise ApiError(404, message, param="model", code="model_not_found")
 
 
-def chat_ids(server: ServerState, conversation: list[dict]) -> list[int]:
-    return encode_conversation(server.engine.tokenizer, conversation, add_generation_prompt=True).input_ids
+def chat_ids(server: ServerState, conversation: list[dict], tools: list[dict] | None = None) -> list[int]:
+    tokenizer = server.engine.tokenizer
+    return encode_conversation(tokenizer, conversation, add_generation_prompt=True, tools=tools).input_ids
 
 
 async def tokenize(server: ServerState, encode, param: str) -> list[int]:

@@ -54,6 +54,8 @@ class Job:
     """("delta", text) events, then one ("done", finish_reason) or ("error", message)."""
     cancelled: bool = False
     completion_tokens: int = 0
+    token_ids: list[int] = field(default_factory=list)
+    """The generated ids (without the stop token): tool calls are read from them, reply segments kept apart."""
     submitted: float = field(default_factory=time.perf_counter)
     created: float = field(default_factory=time.time)
     first_token: float | None = None
@@ -182,6 +184,7 @@ class StaticScheduler(Scheduler):
                 for row, delta, reason in rows.advance(step.tolist(), n):
                     job = batch[row]
                     job.completion_tokens = len(rows.texts[row].ids)
+                    job.token_ids = rows.texts[row].ids
                     self._token(job, delta)
                     if reason is not None:
                         self._finish(job, reason)
@@ -350,6 +353,7 @@ class ContinuousScheduler(Scheduler):
                 ended.add(i)
                 continue
             row.job.completion_tokens = len(row.rows.texts[0].ids)
+            row.job.token_ids = row.rows.texts[0].ids
             self._token(row.job, delta)
             if reason is not None:
                 self._finish(row.job, reason)

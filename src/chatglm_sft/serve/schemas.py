@@ -19,6 +19,8 @@ MAX_MESSAGES = 1024
 """Messages in one chat request."""
 MAX_MESSAGE_CHARS = 1 << 20
 """Characters in one message or prompt (the body-size limit usually binds first)."""
+MAX_TOOLS = 128
+"""Tools in one chat request (as OpenAI)."""
 MAX_STOP = 4
 """Stop strings in one request (as OpenAI)."""
 MAX_STOP_CHARS = 256
@@ -62,12 +64,32 @@ class TextPart(Strict):
     text: Annotated[str, Field(max_length=MAX_MESSAGE_CHARS)]
 
 
+class FunctionCall(Strict):
+    name: StrictStr
+    arguments: Annotated[str, Field(max_length=MAX_MESSAGE_CHARS)] = "{}"
+    """JSON text, passed on as sent."""
+
+
+class ToolCall(Strict):
+    id: StrictStr | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(Strict):
     role: Literal["system", "user", "assistant", "observation", "tool", "function"]
-    content: Annotated[str, Field(max_length=MAX_MESSAGE_CHARS)] | list[TextPart]
+    content: Annotated[str, Field(max_length=MAX_MESSAGE_CHARS)] | list[TextPart] | None = None
+    """May be null on an assistant message that makes tool calls."""
+    tool_calls: list[ToolCall] | None = None
+    function_call: FunctionCall | None = None
+    """OpenAI's legacy single call."""
+    tool_call_id: StrictStr | None = None
+    name: StrictStr | None = None
 
     def text(self) -> str:
-        """The content as one string (OpenAI's text parts joined)."""
+        """The content as one string (OpenAI's text parts joined; null is empty)."""
+        if self.content is None:
+            return ""
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
 
 
@@ -128,8 +150,31 @@ class SamplingFields(Strict):
         return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
 
 
+class NamedFunction(Strict):
+    name: StrictStr
+
+
+class NamedToolChoice(Strict):
+    type: Literal["function"]
+    function: NamedFunction
+
+
 class ChatRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
+    tools: list[dict[str, Any]] | None = Field(default=None, max_length=MAX_TOOLS)
+    """Kept as sent: GLM-4's prompt shows each function object as the client wrote it."""
+    tool_choice: Literal["auto", "none", "required"] | NamedToolChoice | None = None
+
+    @field_validator("tools")
+    @classmethod
+    def _tools_are_functions(cls, value: list[dict] | None) -> list[dict] | None:
+        for i, tool in enumerate(value or []):
+            function = tool.get("function")
+            if tool.get("type") == "function" and not (isinstance(function, dict) and function.get("name")):
+                raise ValueError(f"tools[{i}] needs a function with a name")
+            if not isinstance(tool.get("type"), str):
+                raise ValueError(f"tools[{i}] needs a type (function)")
+        return value
 
 
 class CompletionRequest(SamplingFields):
