@@ -5,8 +5,8 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 
+from chatglm_sft.batches import answer_cross_entropy, answer_positions
 from chatglm_sft.conversation import IGNORE_INDEX
 from chatglm_sft.train.batching import pad_batch
 
@@ -20,12 +20,10 @@ def answer_loss(model, examples: list[tuple[list[int], list[int]]], pad_id: int,
     for start in range(0, len(order), batch_size):
         chunk = [examples[i] for i in order[start : start + batch_size]]
         batch = {name: t.to(device) for name, t in pad_batch(chunk, pad_id).items()}
-        target = batch.pop("labels")[:, 1:]
-        logits = model(**batch, use_cache=False).logits
-        total += F.cross_entropy(
-            logits[:, :-1].float().flatten(0, 1), target.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
-        ).item()
-        count += int((target != IGNORE_INDEX).sum())
+        labels = batch.pop("labels")
+        logits = model(**batch, use_cache=False, logits_to_keep=answer_positions(labels)).logits
+        total += answer_cross_entropy(logits, labels, reduction="sum").item()
+        count += int((labels[:, 1:] != IGNORE_INDEX).sum())
     mean = total / count if count else float("nan")
     return {
         "loss": mean,

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from transformers.cache_utils import DynamicCache
 
+from chatglm_sft.batches import left_pad_ids
 from chatglm_sft.families import Family, get_family
 from chatglm_sft.infer.sampling import SamplingParams, next_tokens
 from chatglm_sft.models.architectures import architecture_of
@@ -55,12 +56,7 @@ class Engine:
     # --- low level: token ids -------------------------------------------------------------------------------------
 
     def _batch(self, prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        width = max(len(p) for p in prompts)
-        ids = torch.full((len(prompts), width), self.family.pad_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for row, prompt in enumerate(prompts):
-            ids[row, width - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
-            mask[row, width - len(prompt) :] = 1
+        ids, mask = left_pad_ids(prompts, self.family.pad_id)  # the same left padding as training
         return ids.to(self.device), mask.to(self.device)
 
     @torch.inference_mode()

@@ -28,6 +28,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.modeling_utils import slice_logits_to_keep
 
+from chatglm_sft.batches import answer_cross_entropy
 from chatglm_sft.models.prefix import PrefixEncoder, prefixed_cache
 
 
@@ -354,7 +355,7 @@ class ChatGLMv1ForCausalLM(ChatGLMv1PreTrainedModel, GenerationMixin):
         logits = self.lm_head(hidden_states)
         loss = None
         if labels is not None:
-            loss = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
+            loss = answer_cross_entropy(logits, labels)
         return CausalLMOutputWithPast(loss=loss, logits=logits, cache=cache if use_cache else None)
 
     # --- generation: 2-D positions live in model_kwargs as [B, 2, L]; a new token keeps the [gMASK] position and

@@ -12,6 +12,7 @@ import random
 
 import torch
 
+from chatglm_sft.batches import left_pad, left_pad_ids
 from chatglm_sft.conversation import IGNORE_INDEX
 
 
@@ -33,14 +34,8 @@ def epoch_order(lengths: list[int], batch_size: int, seed: int, epoch: int, grou
 
 
 def pad_batch(examples: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
-    width = max(len(ids) for ids, _ in examples)
-    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
-    labels = torch.full_like(ids, IGNORE_INDEX)
-    mask = torch.zeros_like(ids)
-    for row, (x, y) in enumerate(examples):
-        ids[row, width - len(x) :] = torch.tensor(x)
-        labels[row, width - len(y) :] = torch.tensor(y)
-        mask[row, width - len(x) :] = 1
+    ids, mask = left_pad_ids([x for x, _ in examples], pad_id)
+    labels = left_pad([y for _, y in examples], IGNORE_INDEX, ids.shape[1])
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 

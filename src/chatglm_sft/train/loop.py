@@ -18,10 +18,10 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 import yaml
 from tqdm import tqdm
 
+from chatglm_sft.batches import answer_cross_entropy, answer_positions
 from chatglm_sft.conversation import IGNORE_INDEX
 from chatglm_sft.data.dataset import (
     cache_key,
@@ -264,15 +264,11 @@ class Trainer:
         """Summed cross-entropy over the answer tokens. Logits are computed only where a label follows: with a
         65k-150k vocabulary the output layer is most of the work, and prompts and padding need none."""
         labels = batch.pop("labels")
-        target = labels[:, 1:]
-        keep = torch.zeros_like(labels, dtype=torch.bool)
-        keep[:, :-1] = target != IGNORE_INDEX
         with torch.autocast(
             self.d.device.type, dtype=self.autocast or torch.float32, enabled=self.autocast is not None
         ):
-            logits = model(**batch, use_cache=False, logits_to_keep=keep).logits
-        logits = logits.reshape(-1, logits.shape[-1]).float()
-        return F.cross_entropy(logits, target[target != IGNORE_INDEX], reduction="sum")
+            logits = model(**batch, use_cache=False, logits_to_keep=answer_positions(labels)).logits
+        return answer_cross_entropy(logits, labels, reduction="sum")
 
     # --- the loop -------------------------------------------------------------------------------------------------
 

@@ -1,0 +1,37 @@
+"""One left padding and one answer-token loss for training, evaluation, inference and the ChatGLM-6B model."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from chatglm_sft.batches import IGNORE_INDEX, answer_cross_entropy, answer_positions, left_pad_ids
+from chatglm_sft.train.batching import pad_batch
+
+
+def test_left_padding_is_the_same_for_prompts_and_training_examples():
+    rows = [[5, 6, 7], [8], [9, 10]]
+    ids, mask = left_pad_ids(rows, pad_id=0)
+    assert ids.tolist() == [[5, 6, 7], [0, 0, 8], [0, 9, 10]]
+    assert mask.tolist() == [[1, 1, 1], [0, 0, 1], [0, 1, 1]]
+    batch = pad_batch([(r, [IGNORE_INDEX] * (len(r) - 1) + r[-1:]) for r in rows], pad_id=0)
+    assert torch.equal(batch["input_ids"], ids) and torch.equal(batch["attention_mask"], mask)
+    assert batch["labels"].tolist() == [[-100, -100, 7], [-100, -100, 8], [-100, -100, 10]]
+
+
+def test_answer_loss_from_all_logits_equals_the_kept_ones_and_a_direct_sum():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 5, 11)
+    labels = torch.tensor([[-100, -100, 3, 4, 5], [-100, -100, -100, -100, 7]])
+    kept = logits[answer_positions(labels)]
+    assert kept.shape == (4, 11)
+    direct = sum(
+        -torch.log_softmax(logits[b, t - 1], -1)[labels[b, t]].item()
+        for b in range(2)
+        for t in range(1, 5)
+        if labels[b, t] != IGNORE_INDEX
+    )
+    assert math.isclose(answer_cross_entropy(logits, labels, "sum").item(), direct, rel_tol=1e-6)
+    assert math.isclose(answer_cross_entropy(kept, labels, "sum").item(), direct, rel_tol=1e-6)
+    assert math.isclose(answer_cross_entropy(logits, labels).item(), direct / 4, rel_tol=1e-6)
