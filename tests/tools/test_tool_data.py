@@ -163,6 +163,8 @@ def test_glaive_demo_file_reads_and_its_two_broken_records_are_found(tiny_checkp
     # two records answer a call written as assistant prose ("AI 计算折扣: {...}") with an observation
     assert report.read == 300 and [b.line for b in report.bad] == [5819, 8763]
     assert all("a tool result without a call before it" in b.reason for b in report.bad)
+    as_sharegpt = check_records(data, "sharegpt")  # what LLaMA-Factory users pass: read as tool records too
+    assert [b.line for b in as_sharegpt.bad] == [5819, 8763] and as_sharegpt.good == report.good
 
 
 @pytest.mark.parametrize("family,model", [("chatglm3", "chatglm3-6b"), ("glm-4", "glm-4-9b-chat")])

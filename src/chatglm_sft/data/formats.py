@@ -155,8 +155,8 @@ def to_messages(
         return _columns(data, prompt_field, response_field, need_reply)
     from chatglm_sft.data import tool_formats  # it builds on this module's RecordError
 
-    if fmt == "auto":
-        fmt = tool_formats.detect(data) or detect_format(data)
+    if fmt in ("auto", "sharegpt"):  # sharegpt with tools (LLaMA-Factory, glaive) is read as a tool record
+        fmt = tool_formats.detect(data) or (detect_format(data) if fmt == "auto" else fmt)
     if fmt in tool_formats.FORMATS:
         return tool_formats.to_messages(data, fmt)
     if fmt == "alpaca":
