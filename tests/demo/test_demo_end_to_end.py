@@ -6,7 +6,10 @@ import json
 import subprocess
 import sys
 
+import pytest
 
+
+@pytest.mark.slow
 def test_demo_in_an_empty_directory(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "chatglm_sft", "demo"], cwd=tmp_path, capture_output=True, text=True, timeout=900

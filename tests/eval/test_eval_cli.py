@@ -9,7 +9,9 @@ import pytest
 from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu
 from rouge_chinese import Rouge
 
-from tests.conftest import DATA, TINY, cli, need_shared
+from chatglm_sft.demo.problems import make_problems
+from chatglm_sft.tokenization.synthetic import sample_texts
+from tests.conftest import cli
 
 
 def run(*args):
@@ -66,8 +68,12 @@ def score_generation(tmp_path, rows):
 
 
 def test_generation_matches_direct_computation(tmp_path):
-    records = [json.loads(line) for line in (need_shared(DATA) / "adgen/dev.json").read_text().splitlines()[:30]]
-    rows = [{"response": r["summary"][::2] + r["content"][:10], "reference": r["summary"]} for r in records]
+    # Chinese references with responses that share part of them (every other character, then other text).
+    references = [p["question"] + p["solution"] for p in make_problems(30, seed=3)]
+    others = sample_texts(30, seed=4)
+    rows = [
+        {"response": ref[::2] + other[:10], "reference": ref} for ref, other in zip(references, others, strict=True)
+    ]
     result = score_generation(tmp_path, rows)
     assert result.returncode == 0, result.stderr
     ours = json.loads((tmp_path / "r.json").read_text())
@@ -92,15 +98,22 @@ def test_missing_or_malformed_predictions(tmp_path, content):
     assert str(path) in result.stderr
 
 
-def test_model_mode_end_to_end(tmp_path):
-    model = need_shared(TINY / "chatglm2-6b-tiny")
+@pytest.mark.slow
+def test_model_mode_end_to_end(tmp_path, tiny_checkpoint, tiny_alpaca):
+    model = tiny_checkpoint("chatglm2-6b")
+    problems = [
+        {"id": str(i), "original_text": p["question"], "ans": str(p["answer"])}
+        for i, p in enumerate(make_problems(37, seed=9))
+    ]
+    data = tmp_path / "math23k.json"
+    data.write_text(json.dumps(problems, ensure_ascii=False))
     result = run(
         "--task",
         "math23k",
         "--model",
         str(model),
         "--data",
-        str(DATA / "math23k/train.sample.json"),
+        str(data),
         "--max-new-tokens",
         "6",
         "--output",
@@ -117,9 +130,9 @@ def test_model_mode_end_to_end(tmp_path):
         "--model",
         str(model),
         "--data",
-        str(DATA / "alpaca/alpaca_gpt4_data_zh.first35.json"),
+        str(tiny_alpaca),
         "--output",
         str(tmp_path / "l.json"),
     )
     assert loss.returncode == 0, loss.stderr
-    assert json.loads((tmp_path / "l.json").read_text())["total"] == 35
+    assert json.loads((tmp_path / "l.json").read_text())["total"] == 40
