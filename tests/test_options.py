@@ -112,3 +112,22 @@ def test_adding_an_option_is_one_field():
     with pytest.raises(OptionError, match=r"--width 10: out of range, must be >= 1 and <= 9"):
         options.build(Extra, {"width": "10"})
     assert {f.name for f in dataclasses.fields(TrainConfig)} <= set(options.field_docs(TrainConfig))
+
+
+def test_model_config_missing_a_key_is_one_line(tmp_path, tiny_checkpoint):
+    import json
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_checkpoint("chatglm2-6b"), model)
+    config = json.loads((model / "config.json").read_text())
+    del config["hidden_size"]
+    (model / "config.json").write_text(json.dumps(config))
+    (tmp_path / "d.jsonl").write_text('{"instruction": "hi"}\n')
+    result = cli(
+        "predict", "--model", str(model), "--data", str(tmp_path / "d.jsonl"), "--output", str(tmp_path / "o")
+    )
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == [
+        f"chatglm-sft: error: {model / 'config.json'}: missing key 'hidden_size' (not a complete chatglm2-6b config)"
+    ]

@@ -117,7 +117,11 @@ def load_model(
     arch = architecture_of(fam)
     raw = read_json(model_dir / "config.json")
     native = _is_native(raw, arch)
-    config = arch.native_config(raw) if native else arch.config_from_thudm(raw, fam, str(model_dir / "config.json"))
+    config_path = model_dir / "config.json"
+    try:
+        config = arch.native_config(raw) if native else arch.config_from_thudm(raw, fam, str(config_path))
+    except KeyError as e:  # the converters read the keys every checkpoint of the family has
+        raise UserError(f"{config_path}: missing key {e} (not a complete {fam.name} config)") from None
     dtype = parse_dtype(dtype) or _stored_dtype(raw)
     config.dtype = dtype
     with init_empty_weights(include_buffers=False):

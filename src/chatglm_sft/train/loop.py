@@ -162,6 +162,8 @@ def load_data(config: TrainConfig, tokenizer, family, out: Path, d: Dist):
     n_eval = int(len(examples) * (config.eval_split or 0.0))
     eval_set = [examples[i] for i in sorted(order[:n_eval])]
     train_set = [examples[i] for i in sorted(order[n_eval:])]
+    if not train_set:
+        raise UserError(f"--eval-split {config.eval_split} leaves none of the {len(examples)} examples to train on")
     return train_set, eval_set
 
 
