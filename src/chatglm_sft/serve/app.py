@@ -91,8 +91,9 @@ def _require_key(app: FastAPI, api_key: str) -> None:
 
 
 class BodyLimit:
-    """ASGI middleware: a body over `limit` bytes gets 413 — at once when Content-Length says so, else as soon as
-    the bytes read pass it (a body without a length is read here, at most `limit` bytes, and passed on)."""
+    """ASGI middleware: a body over `limit` bytes gets 413 and is never buffered — the app is not called when
+    Content-Length says so, or as soon as the bytes read pass it (a body without a length is read here, at most
+    `limit` bytes, and passed on)."""
 
     def __init__(self, app, limit: int, metrics: Metrics):
         self.app, self.limit, self.metrics = app, limit, metrics
@@ -113,8 +114,10 @@ class BodyLimit:
             chunks.append(message.get("body", b""))
             size += len(chunks[-1])
             more = message.get("more_body", False)
-            if size > self.limit:
+            if size > self.limit and more:
                 return await self._too_large(scope, receive, send)
+            if size > self.limit:
+                return await self._too_large(scope, _nothing_more, send)
         replayed = False
 
         async def replay():
@@ -127,7 +130,24 @@ class BodyLimit:
         await self.app(scope, replay, send)
 
     async def _too_large(self, scope, receive, send):
+        """413, after reading (and dropping) what the client still sends: a server that answers and closes while
+        the client is still sending resets the connection, and the client never sees the answer."""
         self.metrics.rejected.labels(status="413").inc()
+        dropped, more = 0, True
+        while more and dropped < _DRAIN_LIMIT:
+            message = await receive()
+            if message["type"] != "http.request":
+                return  # the client left
+            dropped += len(message.get("body", b""))
+            more = message.get("more_body", False)
         message = f"request body is larger than this server's limit of {self.limit} bytes"
-        response = error_response(413, message, code="request_too_large", headers={"Connection": "close"})
-        await response(scope, receive, send)
+        headers = {"Connection": "close"} if more else None
+        await error_response(413, message, code="request_too_large", headers=headers)(scope, receive, send)
+
+
+async def _nothing_more():
+    return {"type": "http.request", "body": b"", "more_body": False}
+
+
+_DRAIN_LIMIT = 64 << 20
+"""Past this many bytes of an oversize body, answer 413 and close the connection without reading on."""
