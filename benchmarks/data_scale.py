@@ -4,8 +4,9 @@ Generates alpaca JSONL files of mixed-length Chinese records (deterministic; sho
 and outputs), times `chatglm-sft data check --data F --model TOKENIZER` on each in a fresh process (tokenization
 included) and reads the process's peak RSS. The tokenizer is ChatGLM2-6B's from ../shared when it is there, else a
 ChatGLM2-shaped one the project makes (`chatglm_sft.tokenization.synthetic`). The last line is
-`scaling X`, X = (seconds per record at the largest size) / (seconds per record at the one before it); linear is
-1.0 (a little under, since start-up is spread over more records). Usage:
+`scaling X`, X = (wall seconds per record at the largest size) / (the same at the size before it); linear is 1.0
+(a little under, since start-up is spread over more records). The line before gives the same ratio of CPU seconds,
+which other work on the machine disturbs less. Usage:
 
     python benchmarks/data_scale.py [--quick] [--sizes 10000,100000,1000000] [--work DIR] [--shared ../shared]
 
@@ -76,8 +77,9 @@ def tokenizer_folder(shared: Path, work: Path) -> tuple[Path, str]:
     return folder, "ChatGLM2-shaped, made by chatglm_sft.tokenization.synthetic"
 
 
-def timed_check(data: Path, model: Path) -> tuple[float, float, str]:
-    """Seconds, peak RSS (MiB) and the last lines of `chatglm-sft data check` in a fresh process."""
+def timed_check(data: Path, model: Path) -> tuple[float, float, float, str]:
+    """Wall seconds, CPU seconds (its worker processes included), peak RSS of its largest process (MiB) and the
+    output of `chatglm-sft data check` in a fresh process."""
     start = time.perf_counter()
     proc = subprocess.Popen(
         [sys.executable, "-m", "chatglm_sft", "data", "check", "--data", str(data), "--model", str(model)],
@@ -90,7 +92,7 @@ def timed_check(data: Path, model: Path) -> tuple[float, float, str]:
     seconds = time.perf_counter() - start
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"data check failed on {data}:\n{output[-2000:]}")
-    return seconds, usage.ru_maxrss / 1024, output
+    return seconds, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024, output
 
 
 def main() -> None:
@@ -106,17 +108,22 @@ def main() -> None:
         work.mkdir(parents=True, exist_ok=True)
         model, described = tokenizer_folder(Path(args.shared), work)
         print(f"tokenizer: {described}; {os.cpu_count()} CPUs")
-        print(f"{'records':>9}  {'MiB':>7}  {'seconds':>8}  {'us/record':>9}  {'peak RSS MiB':>12}")
-        per_record = []
+        print(f"{'records':>9}  {'MiB':>7}  {'seconds':>8}  {'us/record':>9}  {'CPU s':>7}  {'peak RSS MiB':>12}")
+        per_record, cpu_per_record = [], []
         for n in sizes:
             data = write_records(work / f"alpaca-{n}.jsonl", n)
-            seconds, rss, output = timed_check(data, model)
+            seconds, cpu, rss, output = timed_check(data, model)
             per_record.append(seconds / n)
+            cpu_per_record.append(cpu / n)
             mib = data.stat().st_size / 2**20
-            print(f"{n:>9}  {mib:>7.1f}  {seconds:>8.1f}  {seconds / n * 1e6:>9.1f}  {rss:>12.0f}", flush=True)
+            print(
+                f"{n:>9}  {mib:>7.1f}  {seconds:>8.1f}  {seconds / n * 1e6:>9.1f}  {cpu:>7.1f}  {rss:>12.0f}",
+                flush=True,
+            )
         tokens = [line for line in output.splitlines() if line.startswith("tokens per example")]
         if tokens:
             print(f"largest file: {tokens[0]}")
+    print(f"CPU-time scaling {cpu_per_record[-1] / cpu_per_record[-2]:.2f} (less sensitive to other load)")
     print(f"scaling {per_record[-1] / per_record[-2]:.2f}")
 
 

@@ -168,28 +168,28 @@ def _cmd_train(config) -> int:
 
 
 def _cmd_data_check(opts) -> int:
-    from chatglm_sft.data.dataset import check_records, count_tokens, format_report
+    from chatglm_sft.data.dataset import check_records, format_report
+    from chatglm_sft.data.pairs import check_pairs, is_pair_file
 
-    family = tokenized = None
+    family = counter = None
 
     def on_good(_line, _messages):  # only counted: the records are never all held
         pass
 
     if opts.ref.model:
-        import chatglm_sft
         from chatglm_sft.families import detect_family
 
         family = detect_family(opts.ref.model, opts.ref.family)
-        tokenizer = chatglm_sft.load_tokenizer(opts.ref.model, family=family.name)
-        tokenized, on_good = count_tokens(tokenizer, opts.max_length)
-    from chatglm_sft.data.pairs import check_pairs, is_pair_file
-
     if is_pair_file(opts.data):  # preference pairs: prompt, chosen, rejected
         report = check_pairs(opts.data, family)
         print(format_report(report))
         return 1 if report.bad else 0
+    if family is not None:
+        from chatglm_sft.data.lengths import TokenCounter, workers_for
+
+        on_good = counter = TokenCounter(opts.ref.model, family.name, opts.max_length, workers_for(opts.data))
     report = check_records(opts.data, opts.format, opts.prompt_field, opts.response_field, family, on_good)
-    print(format_report(report, tokenized))
+    print(format_report(report, counter.result() if counter else None))
     return 1 if report.bad else 0
 
 

@@ -4,7 +4,7 @@
 `tokenize_records` turns good ones into `input_ids`/`labels` through the conversation encoder and reports lengths.
 The tokenized set is cached with `datasets` under the output folder, keyed by everything that shapes the ids (the
 data, the tokenizer files, family and template, the settings and the encoder's code). One pass over the file; a
-caller that needs only counts never holds the records (`on_good`, `count_tokens`).
+caller that needs only counts never holds the records (`on_good`, `chatglm_sft.data.lengths`).
 """
 
 from __future__ import annotations
@@ -103,17 +103,6 @@ def tokenize_records(
         ids.append(full.input_ids)
         labels.append(full.labels)
     return Tokenized(ids, labels, lengths, max_length)
-
-
-def count_tokens(tokenizer, max_length: int) -> tuple[Tokenized, Callable[[int, list[dict]], None]]:
-    """A `Tokenized` that records only lengths, and the `on_good` callback of `check_records` that fills it: the
-    token counts of a whole file without holding its records or ids."""
-    lengths: list[int] = []
-
-    def count(_line: int, messages: list[dict]) -> None:
-        lengths.append(len(encode_conversation(tokenizer, messages).input_ids))
-
-    return Tokenized([], [], lengths, max_length), count
 
 
 def length_summary(lengths: list[int]) -> str:
