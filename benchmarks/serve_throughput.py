@@ -14,6 +14,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -56,12 +57,15 @@ def percentile(values: list[float], q: float) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    default_model = Path(__file__).resolve().parents[2] / "shared/reference/tiny/chatglm2-6b-tiny"
-    parser.add_argument("--model", default=str(default_model))
+    parser.add_argument("--model", default=None, help="model folder (default: a generated tiny ChatGLM2)")
     parser.add_argument("--requests", type=int, default=32)
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--max-tokens", type=int, default=32)
     args = parser.parse_args()
+    if args.model is None:
+        from chatglm_sft.models.synthetic import write_tiny_checkpoint
+
+        args.model = str(write_tiny_checkpoint(Path(tempfile.mkdtemp()) / "chatglm2-6b", "chatglm2-6b"))
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     server = subprocess.Popen(

@@ -72,3 +72,21 @@ def test_reply_reuses_the_conversation_cache(tiny_checkpoint):
     list(session.send("你好"))
     assert second == "".join(session.send("再说一次"))
     assert computed[0] < prefill_alone + len(engine.tokenizer.encode("再说一次"))  # not the whole conversation again
+
+
+def test_adapter_selector_picks_the_adapter(tmp_path, tiny_checkpoint):
+    from chatglm_sft.families import get_family
+    from chatglm_sft.serve.adapters import load_adapters
+    from chatglm_sft.serve.webui import BASE
+    from tests.serve.test_server import make_lora
+
+    folder = tiny_checkpoint("chatglm2-6b")
+    tokenizer = chatglm_sft.load_tokenizer(folder)
+    dirs = {name: make_lora(folder, tmp_path / name, seed) for name, seed in (("a", 1), ("b", 2))}
+    model, keys = load_adapters(chatglm_sft.load_model(folder, dtype=torch.float32), dirs, get_family("chatglm2-6b"))
+    reply = make_reply(Engine(model, tokenizer), keys)
+    answers = {name: list(reply("你好", [], "", 8, 0.0, 1.0, name))[-1] for name in ("a", BASE, "b")}
+    for name, adapter in (("a", dirs["a"]), ("b", dirs["b"]), (BASE, None)):
+        alone = Engine(chatglm_sft.load_model(folder, dtype=torch.float32, adapter=adapter), tokenizer)
+        assert answers[name] == "".join(ChatSession(alone, SamplingParams(max_new_tokens=8)).send("你好"))
+    assert len(set(answers.values())) == 3
