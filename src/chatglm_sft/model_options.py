@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 from chatglm_sft.errors import UserError
@@ -19,6 +20,12 @@ def check_family(family: str | None) -> None:
             get_family(family)
         except UserError as e:
             raise OptionError(f"--family {family}: {e}") from None
+
+
+def check_device(device: str | None) -> None:
+    """`cpu`, `cuda`, `cuda:N` and the other device names torch knows, checked without importing torch."""
+    if device and not re.fullmatch(r"(cpu|cuda|mps|xpu|hpu|npu|meta)(:\d+)?", device):
+        raise OptionError(f"--device {device!r}: expected cpu, cuda or cuda:N")
 
 
 @dataclass
@@ -54,6 +61,9 @@ class LoadOptions:
     """cpu (default), cuda, cuda:1, ..."""
     quantize: str | None = option(None, choices=QUANTIZE)
     """Weight-only quantization."""
+
+    def check_options(self) -> None:
+        check_device(self.device)
 
 
 @dataclass

@@ -10,6 +10,7 @@ import yaml
 
 from chatglm_sft import options
 from chatglm_sft.data.formats import FORMATS
+from chatglm_sft.model_options import check_device, check_family
 from chatglm_sft.options import OptionError, option
 
 METHODS = ("lora", "full", "freeze", "ptuning", "qlora")
@@ -129,6 +130,13 @@ class TrainConfig:
     """lora/qlora: start from this (SFT) adapter and continue training it; the reference is base + this adapter."""
     precompute_ref: bool = False
     """dpo: compute the reference log-probabilities once before training (no reference model kept in memory)."""
+
+    def check_options(self) -> None:
+        """Rules that `option(...)` cannot say, checked with the others before anything loads."""
+        check_family(self.family)
+        check_device(self.device)
+        if self.resume not in (None, "auto") and not Path(self.resume).is_dir():
+            raise OptionError(f"--resume {self.resume}: expected auto or a checkpoint folder")
 
 
 def load_config(path: str | Path | None, overrides: dict, check_paths_exist: bool = False) -> TrainConfig:
