@@ -78,6 +78,8 @@ def test_chatglm3_trailing_text_and_unknown_names_are_not_calls(toks):
     assert not tok.parse_response(call + "\nand more").get("tool_calls")
     assert not tok.parse_response(call.replace("get_weather", "rm_rf"), tools=[WEATHER]).get("tool_calls")
     assert call_of(tok.parse_response(call, tools=[WEATHER]))[0] == "get_weather"
+    assert call_of(tok.parse_response(call, tools={"get_weather": {}}))[0] == "get_weather"  # tools_using_demo's shape
+    assert not tok.parse_response(call, tools=["not a tool"]).get("tool_calls")
     assert tok.parse_response("one line")["content"] == "one line"
     assert tok.parse_response("two\nlines")["content"] == "two\nlines"
 
@@ -120,3 +122,41 @@ def test_written_calls_read_back_to_the_same_arguments():
         line = format_tool_call(arguments)
         assert "\n" not in line
         assert read_tool_call(line) == arguments
+
+
+PIECES = [
+    "<|assistant|>",
+    "get_weather",
+    "\n",
+    " ",
+    "```python",
+    "```",
+    "tool_call(",
+    ")",
+    "city=",
+    "'北京'",
+    "{",
+    "}",
+    '"city"',
+    ":",
+    ",",
+    "[",
+    "2**10",
+    "__import__('os')",
+    "x",
+    "\\",
+    "None",
+    "1e309",
+    "(" * 50,
+]
+
+
+@pytest.mark.parametrize("family", ["chatglm3", "glm-4"])
+def test_parsing_random_output_never_raises(toks, family):
+    rng = random.Random(family)
+    for _ in range(2000):
+        text = "".join(rng.choice(PIECES) for _ in range(rng.randint(0, 12)))
+        for tools in (None, [WEATHER], {"get_weather": {}}, "junk"):
+            message = toks[family].parse_response(text, tools=tools)
+            assert message["role"] == "assistant"
+            assert message["content"] is not None or message.get("tool_calls")

@@ -234,7 +234,7 @@ class ToolFormat:
 
     def parse(self, text: str, tools: object = None) -> tuple[dict, int]:
         """(the assistant message a reply stands for, how many segments started a call that did not parse)."""
-        known = {tool_name(t) for t in check_tools(tools)} if tools is not None else None
+        known = _known_names(tools)
         contents, calls, broken = [], [], 0
         for segment in text.split(ROLE_SEPARATOR):
             found = self.read_call(segment)
@@ -249,6 +249,15 @@ class ToolFormat:
         if calls:
             message["tool_calls"] = calls
         return message, broken
+
+
+def _known_names(tools: object) -> set[str] | None:
+    """The names calls may use: those of a tools list (or of an object keyed by name); None: any name."""
+    if isinstance(tools, dict):
+        return set(tools)
+    if isinstance(tools, list):
+        return {tool_name(t) for t in tools}
+    return None
 
 
 def _text(content: object, i: int) -> str:
