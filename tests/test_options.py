@@ -107,7 +107,7 @@ def test_adding_an_option_is_one_field():
 
     parser = argparse.ArgumentParser()
     options.add_options(parser, Extra)
-    assert "How wide. (default: 3)" in parser.format_help()
+    assert "How wide. (default: 3; >= 1 and <= 9)" in " ".join(parser.format_help().split())
     assert options.build(Extra, options.given(Extra, parser.parse_args(["--width", "4"]))).width == 4
     with pytest.raises(OptionError, match=r"--width 10: out of range, must be >= 1 and <= 9"):
         options.build(Extra, {"width": "10"})

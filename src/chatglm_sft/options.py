@@ -166,9 +166,12 @@ def add_options(parser: argparse.ArgumentParser, cls: type, base: Any = None) ->
         if dataclasses.is_dataclass(spec.kind):
             add_options(parser, spec.kind, default)
             continue
-        help_text = spec.doc.replace("%", "%%")
+        notes = ["required"] if spec.rule.required else []
         if default not in (None, [], (), "") and spec.kind is not bool:
-            help_text += f" (default: {default})"
+            notes.append(f"default: {default}")
+        if spec.rule.describe():
+            notes.append(spec.rule.describe())
+        help_text = (spec.doc + (f" ({'; '.join(notes)})" if notes else "")).replace("%", "%%")
         metavar = spec.rule.metavar or ("{" + ",".join(spec.rule.choices) + "}" if spec.rule.choices else None)
         if spec.kind is bool:
             parser.add_argument(flag(spec.name), nargs="?", const="true", default=None, help=help_text, metavar="BOOL")
