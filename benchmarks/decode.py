@@ -1,20 +1,28 @@
-"""Decode speed with the KV cache at batch 1 and 8, against the floor set by reading the weights once per step.
+"""Decode speed of our `Engine` (the loop predict, chat and serve run) at batch 1 and 8, against the floor set by
+reading the weights once per step.
 
-A ChatGLM2-architecture `GlmForCausalLM` with random weights; the machine's memory bandwidth is measured here (a
-large in-memory reduction), so the floor is `weight bytes / bandwidth` seconds per decode step.
+A ChatGLM2-architecture model with random weights written in THUDM's layout and loaded with `load_model` (so int8 /
+int4 go through the same quantization as `--quantize`); greedy, a 16-token prompt, `--new-tokens` tokens, no stop.
+The machine's memory bandwidth is measured here (a large in-memory reduction), so the floor is `bytes read per
+decode step / bandwidth`. A decode step reads every weight except the embedding table, of which it reads a row.
 
-    python benchmarks/decode.py [--hidden 2048] [--layers 4] [--dtype bf16] [--new-tokens 32]
+    python benchmarks/decode.py [--hidden 2048] [--layers 4] [--dtype bf16|fp32|int8|int4] [--new-tokens 32]
 """
 
 from __future__ import annotations
 
 import argparse
+import tempfile
 import time
+from pathlib import Path
 
 import torch
-from transformers.cache_utils import DynamicCache
 
-from chatglm_sft.models.synthetic import chatglm2_config, random_model
+from chatglm_sft.infer.engine import Engine
+from chatglm_sft.infer.sampling import SamplingParams
+from chatglm_sft.models.loading import load_model
+from chatglm_sft.models.quantize import weight_bytes
+from chatglm_sft.models.synthetic import chatglm2_config, random_model, write_thudm_checkpoint
 
 
 def bandwidth() -> float:
@@ -28,16 +36,14 @@ def bandwidth() -> float:
     return x.numel() * 4 / best
 
 
-@torch.inference_mode()
-def decode_rate(model, batch: int, new_tokens: int) -> float:
-    prompt = torch.randint(0, 65024, (batch, 16))
-    cache = DynamicCache()
-    out = model(input_ids=prompt, cache=cache, use_cache=True, logits_to_keep=1)
-    token = out.logits[:, -1:].argmax(-1)
+def decode_rate(engine: Engine, batch: int, new_tokens: int) -> float:
+    """Tokens per second over the decode steps (the prefill and first token not counted)."""
+    prompts = torch.randint(100, 60000, (batch, 16), generator=torch.Generator().manual_seed(batch)).tolist()
+    steps = engine.decode_steps(prompts, SamplingParams(max_new_tokens=new_tokens + 1))
+    next(steps)
     start = time.perf_counter()
-    for _ in range(new_tokens):
-        out = model(input_ids=token, cache=cache, use_cache=True, logits_to_keep=1)
-        token = out.logits[:, -1:].argmax(-1)
+    for _ in steps:
+        pass
     return batch * new_tokens / (time.perf_counter() - start)
 
 
@@ -46,22 +52,27 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=2048)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--ffn", type=int, default=5504)
-    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="bf16")
+    parser.add_argument("--dtype", choices=["fp32", "bf16", "int8", "int4"], default="bf16")
     parser.add_argument("--new-tokens", type=int, default=32)
     args = parser.parse_args()
     config = chatglm2_config(args.hidden, args.layers, args.ffn)
-    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
-    model = random_model(config).to(dtype)
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    # A decode step reads every weight except the embedding table, of which it reads one row per token.
-    streamed = weights - model.model.embed_tokens.weight.numel() * model.model.embed_tokens.weight.element_size()
+    dtype = torch.float32 if args.dtype == "fp32" else torch.bfloat16
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = write_thudm_checkpoint(random_model(config).to(dtype), Path(tmp) / "model")
+        quantize = args.dtype if args.dtype in ("int8", "int4") else None
+        model = load_model(folder, dtype=dtype, quantize=quantize)
+    table = model.get_input_embeddings().weight
+    streamed = weight_bytes(model) - table.numel() * table.element_size()
+    engine = Engine(model, tokenizer=None)
+    decode_rate(engine, 1, 4)  # warm-up
     bw = bandwidth()
     print(
         f"hidden {args.hidden}, layers {args.layers}, ffn {args.ffn}, vocab 65024, {args.dtype}: "
-        f"{streamed / 2**20:.0f} MiB read per step; memory bandwidth {bw / 1e9:.1f} GB/s"
+        f"{streamed / 2**20:.0f} MiB read per step; memory bandwidth {bw / 1e9:.1f} GB/s; torch threads "
+        f"{torch.get_num_threads()}"
     )
     for batch in (1, 8):
-        rate = decode_rate(model, batch, args.new_tokens)
+        rate = decode_rate(engine, batch, args.new_tokens)
         floor = batch * bw / streamed
         print(f"batch {batch}: {rate:7.1f} tokens/s; weight-read bound {floor:7.1f} tokens/s ({rate / floor:.0%})")
 
