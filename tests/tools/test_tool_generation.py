@@ -72,6 +72,7 @@ def test_engine_stops_at_observation_and_chat_loop_feeds_results_back(tiny_check
     assert history[: len(first) + len(call) + 1] == [*first, *call, observation]
 
 
+@pytest.mark.slow  # two real processes
 def test_chat_cli_with_tools(tiny_checkpoint, tmp_path):
     tools = tmp_path / "tools.json"
     tools.write_text(json.dumps([WEATHER], ensure_ascii=False), encoding="utf-8")

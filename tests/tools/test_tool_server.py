@@ -139,6 +139,7 @@ def test_tool_choice_none_and_named(tool_server):
     assert call.function.name == "get_weather" and json.loads(call.function.arguments) == {"city": "Paris"}
 
 
+@pytest.mark.slow  # two real processes
 def test_serve_process_with_tools_on_glm4_and_chatglm2(tiny_checkpoint):
     body = {
         "model": "chatglm-sft",
