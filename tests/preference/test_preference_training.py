@@ -151,3 +151,15 @@ def test_dpo_resume_continues_exactly(tiny_checkpoint, tmp_path, pairs, capsys):
     for a, b in zip(expected[2:], got[2:], strict=True):
         assert b["loss"] == pytest.approx(a["loss"], abs=1e-6)
         assert b["rewards/margins"] == pytest.approx(a["rewards/margins"], abs=1e-6)
+
+
+@pytest.mark.parametrize("family", ["chatglm3-6b", "glm-4-9b-chat"])
+def test_dpo_on_chatglm3_and_glm4_starts_at_ln2(tiny_checkpoint, tmp_path, capsys, family):
+    """Conversational (TRL-shaped) pairs with a system prompt on the role-token templates."""
+    records = arithmetic_pairs(8, shape="trl")
+    for r in records:
+        r["prompt"] = [{"role": "system", "content": "只回答算式和结果"}, *r["prompt"]]
+    data = write_pairs(tmp_path / "pairs.json", records)
+    out = tmp_path / "out"
+    train_here(capsys, tiny_checkpoint(family), data, out, objective="dpo", max_steps=1)
+    assert train_log(out)[0]["loss"] == pytest.approx(math.log(2), abs=1e-3)
