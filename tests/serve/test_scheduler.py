@@ -198,3 +198,27 @@ def test_failed_forward_ends_its_rows_and_the_server_goes_on(engines, monkeypatc
     assert ok[1] == "done" and ok[0] == engine.generate([prompt], params)[0].text
     assert sched.in_system == 0
     assert any("poison" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("family", ["chatglm-6b", "chatglm2-6b"])
+def test_p_tuning_prefix_rows_equal_each_request_alone(tiny_checkpoint, family):
+    """A P-Tuning v2 prefix heads every row's cache: padding goes after it when rows join."""
+    from chatglm_sft.families import get_family
+    from chatglm_sft.models.architectures import architecture_of
+
+    folder = tiny_checkpoint(family)
+    torch.manual_seed(0)
+    model = architecture_of(get_family(family)).add_prefix(
+        chatglm_sft.load_model(folder, dtype=torch.float32), 4, False
+    )
+    engine = Engine(model.eval(), chatglm_sft.load_tokenizer(folder))
+    prompts = [prompt_of(engine, q) for q in QUERIES[:4]]
+    params = [SamplingParams(max_new_tokens=n) for n in (12, 4, 9, 14)]
+    alone = [engine.generate([p], sp)[0].text for p, sp in zip(prompts, params, strict=True)]
+    sched = ContinuousScheduler(engine, max_batch_size=2, prefill_chunk=16)
+
+    async def run():
+        jobs = [sched.submit(new_job(f"p{i}", p, sp)) for i, (p, sp) in enumerate(zip(prompts, params, strict=True))]
+        return [(await outcome(job))[0] for job in jobs]
+
+    assert asyncio.run(run()) == alone
