@@ -276,7 +276,10 @@ async def watching(job: Job, request: Request):
     """Cancel the job as soon as the client disconnects, and when the response ends for any reason."""
 
     async def watch():
-        while (await request.receive())["type"] != "http.disconnect":
+        try:
+            while (await request.receive())["type"] != "http.disconnect":
+                pass
+        except Exception:  # a connection the server reports broken: the client is gone too
             pass
         job.cancel()
 
