@@ -185,14 +185,16 @@ def write_tiny_checkpoint(
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
     texts: list[str] | None = None,
+    tokenizer_options: dict | None = None,
     **shape,
 ) -> Path:
     """A complete THUDM-layout folder of `family` (config.json, sharded weights, the family's tokenizer file and
     tokenizer_config.json) with random weights, in a tiny shape; `shape` overrides `TINY_SHAPES[family]` (e.g.
-    ``kv_groups=1``, ``layers=3``). `texts` trains the tokenizer (default: generated Chinese/English text)."""
+    ``kv_groups=1``, ``layers=3``). `texts` trains the tokenizer (default: generated Chinese/English text);
+    `tokenizer_options` go to its writer (`chatglm_sft.tokenization.synthetic.WRITERS`)."""
     fam = get_family(family)
     folder = Path(folder)
-    tokenizer_file = write_tokenizer(folder, fam, texts)
+    tokenizer_file = write_tokenizer(folder, fam, texts, **(tokenizer_options or {}))
     model = random_model(_tiny_config(fam, TINY_SHAPES[fam.name] | shape), seed)
     _scale_like_trained(model)
     _favour_vocabulary(model, whole_character_ids(fam, tokenizer_file))

@@ -148,10 +148,16 @@ def _added_tokens(family: Family, first_added: int) -> dict[str, dict]:
 
 
 def write_sentencepiece_tokenizer(
-    folder: Path, family: str | Family = "chatglm2-6b", texts: list[str] | None = None, vocab_size: int = 800
+    folder: Path,
+    family: str | Family = "chatglm2-6b",
+    texts: list[str] | None = None,
+    vocab_size: int = 800,
+    whitespace_pieces: bool = False,
 ) -> Path:
     """A BPE `tokenizer.model` in ChatGLM2/3's layout and a `tokenizer_config.json` that names the family's special
-    tokens (ChatGLM3's include its role tokens, which is how a ChatGLM3 folder is told from a ChatGLM2 one)."""
+    tokens (ChatGLM3's include its role tokens, which is how a ChatGLM3 folder is told from a ChatGLM2 one).
+    `whitespace_pieces` lets pieces span spaces and runs of spaces (as ChatGLM3's ``▁▁▁▁`` do), so text that repeats
+    whole phrases or indented JSON, such as a tools prompt, compresses into few pieces."""
     family = get_family(family) if isinstance(family, str) else family
     proto = _proto_from_training(
         texts or sample_texts(),
@@ -164,6 +170,8 @@ def write_sentencepiece_tokenizer(
         bos_id=1,
         eos_id=2,
         pad_id=-1,
+        split_by_whitespace=not whitespace_pieces,
+        allow_whitespace_only_pieces=whitespace_pieces,
     )
     _pad_unused(proto, CHATGLM2_PIECES)
     folder.mkdir(parents=True, exist_ok=True)
@@ -233,17 +241,18 @@ def _write_config(folder: Path, config: dict) -> None:
 
 
 WRITERS: dict[str, Callable[..., Path]] = {
-    "sentencepiece-v1": lambda folder, family, texts: write_chatglm_v1_tokenizer(folder, texts),
+    "sentencepiece-v1": lambda folder, family, texts, **options: write_chatglm_v1_tokenizer(folder, texts, **options),
     "sentencepiece": write_sentencepiece_tokenizer,
     "tiktoken": write_tiktoken_tokenizer,
 }
-"""`Family.tokenizer_kind` -> writer(folder, family, texts)."""
+"""`Family.tokenizer_kind` -> writer(folder, family, texts, **options) (options: the writer's keywords)."""
 
 
-def write_tokenizer(folder: Path, family: str | Family, texts: list[str] | None = None) -> Path:
-    """The family-shaped tokenizer file and `tokenizer_config.json` in `folder`; returns the tokenizer file."""
+def write_tokenizer(folder: Path, family: str | Family, texts: list[str] | None = None, **options) -> Path:
+    """The family-shaped tokenizer file and `tokenizer_config.json` in `folder`; returns the tokenizer file.
+    `options` go to the family's writer (e.g. ``vocab_size``)."""
     family = get_family(family) if isinstance(family, str) else family
-    return WRITERS[family.tokenizer_kind](Path(folder), family, texts)
+    return WRITERS[family.tokenizer_kind](Path(folder), family, texts, **options)
 
 
 def whole_character_ids(family: Family, tokenizer_file: Path) -> list[int]:
