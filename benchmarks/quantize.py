@@ -61,7 +61,7 @@ def main() -> None:
     for name in ("fp32", "bf16", "int8", "int4"):
         model = GlmForCausalLM(config).eval()
         model.load_state_dict(state)
-        if name != "fp32":  # quantized models keep bf16 embeddings and output layer
+        if name != "fp32":  # quantized models keep bf16 embeddings (the output layer is quantized too)
             model = model.to(torch.bfloat16)
         if name in ("int8", "int4"):
             model = quantize_model(model, name)
