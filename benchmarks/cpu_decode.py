@@ -211,14 +211,14 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="3 rounds of 64 new tokens (a run of a few minutes)")
+    parser.add_argument("--quick", action="store_true", help="2 layers, 3 rounds of 64 new tokens")
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--threads", type=int, default=2, help="torch threads (chatglm.cpp takes the core count)")
     args = parser.parse_args()
     if args.quick:
-        args.rounds, args.new_tokens = min(args.rounds, 3), min(args.new_tokens, 64)
+        args.layers, args.rounds, args.new_tokens = min(args.layers, 2), min(args.rounds, 3), min(args.new_tokens, 64)
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         folder = build_checkpoint(Path(tmp) / "model", args.layers)
