@@ -211,10 +211,15 @@ def prepare_quantized(model: nn.Module, mode: str) -> nn.Module:
 
 
 def finish_quantized(model: nn.Module) -> nn.Module:
-    """Pack the int4 codes a `prepare_quantized` model was loaded with for its device's kernel."""
+    """Pack the int4 codes a `prepare_quantized` model was loaded with for its device's kernel, and give every
+    quantized buffer storage of its own: tensors read from a safetensors file may sit at any offset of the mapped
+    file, and the packed kernels' vector loads crash on such misaligned int8 data."""
     for module in model.modules():
         if isinstance(module, Int4Linear) and hasattr(module, "weight_uint4"):
             module.pack_loaded()
+        if isinstance(module, (Int8Linear, Int4Linear)):
+            for name, buffer in list(module.named_buffers(recurse=False)):
+                setattr(module, name, buffer.clone())
     return model.eval()
 
 
