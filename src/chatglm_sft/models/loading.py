@@ -31,6 +31,7 @@ _DTYPES = {
 PREFIX_TENSORS = "transformer.prefix_encoder."
 """THUDM's name for a P-Tuning v2 prefix encoder's tensors."""
 
+
 def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     """Accept a `torch.dtype`, a name such as ``bf16``/``float32``, or None."""
     if dtype is None or isinstance(dtype, torch.dtype):
