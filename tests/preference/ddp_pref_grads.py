@@ -30,4 +30,7 @@ grads = {n: p.grad.detach().clone() for n, p in trainer.model.named_parameters()
 if trainer.d.rank == 0:
     torch.save({"grads": grads, "loss": loss, "metrics": trainer.step_metrics}, target)
 if trainer.d.world > 1:
+    # Wait for rank 0's save: a gloo process that tears down while its peer still works can abort at exit
+    # ("terminate called without an active exception"), as train/loop.py notes.
+    torch.distributed.barrier()
     torch.distributed.destroy_process_group()

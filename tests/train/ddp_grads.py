@@ -29,4 +29,5 @@ grads = {n: p.grad.detach().clone() for n, p in trainer.model.named_parameters()
 if trainer.d.rank == 0:
     torch.save(grads, target)
 if dist.is_initialized():
+    dist.barrier()  # see tests/preference/ddp_pref_grads.py
     dist.destroy_process_group()
