@@ -120,6 +120,7 @@ def test_eval_split_logs_held_out_rewards(tiny_checkpoint, tmp_path, pairs, caps
     [
         ({"objective": "dpo", "packing": True}, "--packing"),
         ({"objective": "orpo", "precompute_ref": True}, "--precompute-ref"),
+        ({"objective": "sft", "ref_adapter": "."}, "--ref-adapter"),
         ({"objective": "dpo", "method": "full", "ref_adapter": "."}, "--ref-adapter"),
     ],
 )

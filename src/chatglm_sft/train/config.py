@@ -11,7 +11,7 @@ import yaml
 from chatglm_sft import options
 from chatglm_sft.data.formats import FORMATS
 from chatglm_sft.model_options import check_device, check_family
-from chatglm_sft.options import OptionError, option
+from chatglm_sft.options import OptionError, flag, option
 
 METHODS = ("lora", "full", "freeze", "ptuning", "qlora")
 OBJECTIVES = ("sft", "dpo", "orpo", "simpo")
@@ -137,6 +137,18 @@ class TrainConfig:
         check_device(self.device)
         if self.resume not in (None, "auto") and not Path(self.resume).is_dir():
             raise OptionError(f"--resume {self.resume}: expected auto or a checkpoint folder")
+        self._check_reference_options()
+
+    def _check_reference_options(self) -> None:
+        """--ref-model, --ref-adapter and --precompute-ref mean something only to an objective with a reference."""
+        given = [flag(name) for name in ("ref_model", "ref_adapter", "precompute_ref") if getattr(self, name)]
+        if not given:
+            return
+        from chatglm_sft.train.objectives import OBJECTIVES as RECORDS  # (imports torch: only when it matters)
+
+        if not RECORDS[self.objective].reference:
+            users = ", ".join(name for name, o in RECORDS.items() if o.reference)
+            raise OptionError(f"{given[0]}: --objective {self.objective} uses no reference model (only {users})")
 
 
 def load_config(path: str | Path | None, overrides: dict, check_paths_exist: bool = False) -> TrainConfig:

@@ -52,14 +52,8 @@ class PairExample:
 
 def check_options(config) -> None:
     """Refuse option combinations that do not make sense for the objective, naming the option."""
-    objective = OBJECTIVES[config.objective]
     if config.packing:
         raise UserError(f"--packing does not apply to --objective {config.objective}: a pair's two rows must line up")
-    if not objective.reference:
-        for name in ("ref_model", "ref_adapter", "precompute_ref"):
-            if getattr(config, name):
-                flag = "--" + name.replace("_", "-")
-                raise UserError(f"{flag}: --objective {config.objective} uses no reference model")
     if config.ref_adapter and not METHODS[config.method].adapter:
         raise UserError(
             f"--ref-adapter continues a LoRA adapter and needs --method lora or qlora, not {config.method}"
