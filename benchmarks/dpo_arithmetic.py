@@ -1,12 +1,16 @@
 """DPO after SFT on a tiny model: does preference tuning raise held-out accuracy on generated arithmetic problems?
 
 The demo's pipeline (a small ChatGLM2-architecture model and tokenizer made on the spot, brief base training, LoRA
-SFT on worked solutions), then DPO from the SFT adapter (`--ref-adapter`: the reference is the SFT model) on pairs
-whose chosen reply is the correct worked answer and whose rejected reply is the same working with a wrong result
-(off by 1 to 3). Held-out accuracy (greedy, the Math23K scorer) before and after DPO.
+SFT), with SFT replies from a source of mixed quality (for 30% of the arithmetic facts, 60% of the replies are off by
+one), then DPO from the SFT adapter (`--ref-adapter`: the reference is the SFT model) on on-policy pairs: the SFT
+model answers 1,000 training problems greedily; chosen = the correct worked answer, rejected = its own wrong reply
+(and, for balance, the same confusions the other way round; see `on_policy_pairs`). Held-out accuracy (greedy, the
+Math23K scorer) before and after. Results and the runs around them: docs/preference.md.
 
-    python benchmarks/dpo_arithmetic.py OUTPUT_DIR [--base-steps 150] [--sft-steps 600] [--dpo-steps 150]
-        [--beta 0.1] [--learning-rate 5e-4]
+    python benchmarks/dpo_arithmetic.py OUTPUT_DIR [--sft-steps 400] [--dpo-steps 40] [--learning-rate 2e-4]
+        [--beta 0.1] [--rpo-alpha 0] [--rejected own|shifted] [--noisy-facts 0.3] [--noise 0.6] [--reuse]
+
+`--rpo-alpha 1 --beta 1e-5` is the control: the NLL of the chosen replies with the preference term made negligible.
 """
 
 from __future__ import annotations
@@ -24,10 +28,58 @@ from chatglm_sft.demo.tokenizer import train_tokenizer
 LORA = {"lora_r": 32, "lora_alpha": 64, "lora_targets": "q_proj,k_proj,v_proj,o_proj,gate_up_proj,down_proj"}
 
 
-def wrong(problem: dict, rng: random.Random) -> str:
-    working = problem["solution"].split("=")[0]
-    value = problem["answer"] + rng.choice([-3, -2, -1, 1, 2, 3])
-    return f"{working}={value}，答：{value}"
+def with_result(problem: dict, value: int) -> str:
+    """The problem's working with `value` as its result."""
+    return f"{problem['solution'].split('=')[0]}={value}，答：{value}"
+
+
+def shifted(problem: dict, rng: random.Random) -> str:
+    """The problem's working with a result off by 1 to 3."""
+    return with_result(problem, problem["answer"] + rng.choice([-3, -2, -1, 1, 2, 3]))
+
+
+def noisy_solutions(problems: list[dict], share: float, rate: float, seed: int) -> list[str]:
+    """SFT replies from a source of mixed quality: for a `share` of the arithmetic facts (4+5, 3-2, ...) a reply is
+    wrong with probability `rate`, always off the same way for a fact (4+5=10, say); the others are right."""
+    rng = random.Random(seed)
+    facts = sorted({p["solution"].split("=")[0] for p in problems})
+    offsets = {fact: rng.choice([-1, 1]) for fact in rng.sample(facts, round(share * len(facts)))}
+    replies = []
+    for p in problems:
+        offset = offsets.get(p["solution"].split("=")[0])
+        replies.append(with_result(p, p["answer"] + offset) if offset and rng.random() < rate else p["solution"])
+    return replies
+
+
+def questions(problems: list[dict]) -> list[dict]:
+    """Problems in the Math23K evaluation's columns."""
+    return [{"original_text": p["question"], "ans": str(p["answer"])} for p in problems]
+
+
+def on_policy_pairs(problems: list[dict], records: Path, rng: random.Random) -> tuple[list[dict], int]:
+    """Pairs from the SFT model's greedy answers to the training problems (on-policy), chosen = the correct working:
+
+    * where it erred, rejected = its own wrong reply (it answers 8 where 9 is right, say);
+    * where it was right with an answer it wrongly gives elsewhere, rejected = the same confusion the other way round
+      (9 where 8 is right): pairs of its mistakes alone teach a blanket "say a larger digit".
+
+    The other problems make no pair. Returns the pairs and how many rejected replies are the model's own."""
+    answers = [json.loads(line) for line in records.read_text(encoding="utf-8").splitlines()]
+    own = [
+        None if a["correct"] or a["response"].strip() in ("", p["solution"]) else a["response"].strip()
+        for p, a in zip(problems, answers, strict=True)
+    ]
+    should_be: dict[float, set[int]] = {}  # an answer the model gives wrongly -> the answers it should have given
+    for problem, answer, mistake in zip(problems, answers, own, strict=True):
+        if mistake and answer["pred_answer"] is not None:
+            should_be.setdefault(answer["pred_answer"], set()).add(problem["answer"])
+    pairs = []
+    for problem, mistake in zip(problems, own, strict=True):
+        reverse = sorted(should_be.get(problem["answer"], set()) - {problem["answer"]})
+        rejected = mistake or (with_result(problem, rng.choice(reverse)) if reverse else None)
+        if rejected:
+            pairs.append({"instruction": problem["question"], "chosen": problem["solution"], "rejected": rejected})
+    return pairs, sum(m is not None for m in own)
 
 
 def main() -> None:
@@ -35,12 +87,28 @@ def main() -> None:
     parser.add_argument("output")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--base-steps", type=int, default=150)
-    parser.add_argument("--sft-steps", type=int, default=600)
-    parser.add_argument("--dpo-steps", type=int, default=150)
+    parser.add_argument("--sft-steps", type=int, default=400)
+    parser.add_argument("--dpo-steps", type=int, default=40)
     parser.add_argument("--beta", type=float, default=0.1)
-    parser.add_argument("--learning-rate", type=float, default=5e-4)
+    parser.add_argument("--learning-rate", type=float, default=2e-4)
+    parser.add_argument("--rpo-alpha", type=float, default=0.0, help="weight of the chosen reply's NLL (0: plain DPO)")
+    parser.add_argument("--noisy-facts", type=float, default=0.3, help="share of the facts with wrong SFT replies")
+    parser.add_argument("--noise", type=float, default=0.6, help="how often such a fact's SFT reply is wrong")
+    parser.add_argument("--rejected", choices=["own", "shifted"], default="own",
+                        help="own: on-policy pairs from the SFT model's mistakes (see on_policy_pairs); shifted: "
+                        "every problem, rejected = the correct working with a result off by 1-3")  # fmt: skip
+    parser.add_argument("--pairs", type=int, default=1000, help="training problems to make pairs of")
+    keep = "keep the base model, SFT adapter and evaluations already in OUTPUT (to tune DPO)"
+    parser.add_argument("--reuse", action="store_true", help=keep)
     args = parser.parse_args()
     out, seed, start = Path(args.output), args.seed, time.perf_counter()
+
+    def stage(text: str, done: Path | None = None) -> bool:
+        """Print the stage; True when it is to run (not reused)."""
+        reused = args.reuse and done is not None and done.exists()
+        print(f"[{time.perf_counter() - start:6.1f}s] {text}{' (reused)' if reused else ''}", flush=True)
+        return not reused
+
     out.mkdir(parents=True, exist_ok=True)
     train_set, test_set = make_problems(3000, seed, MAX_NUMBER), make_problems(200, seed + 1, MAX_NUMBER)
     equations = make_problems(3000, seed + 2, MAX_NUMBER)
@@ -49,37 +117,51 @@ def main() -> None:
         [{"instruction": "出一道应用题", "output": p["question"]} for p in train_set]
         + [{"instruction": "写一个算式", "output": e["solution"]} for e in equations],
     )
-    sft = _write_jsonl(out / "sft.jsonl", [{"instruction": p["question"], "output": p["solution"]} for p in train_set])
-    rng = random.Random(seed)
-    pairs = _write_jsonl(
-        out / "pairs.jsonl",
-        [{"instruction": p["question"], "chosen": p["solution"], "rejected": wrong(p, rng)} for p in train_set],
-    )
-    test_rows = [{"original_text": p["question"], "ans": str(p["answer"])} for p in test_set]
-    test = _write_jsonl(out / "test.jsonl", test_rows)
-    init = out / "base-init"
-    texts = [p["question"] + p["solution"] for p in train_set] + ["[Round 1]\n\n问：出一道应用题\n\n答："]
-    train_tokenizer(texts, init)
-    _base_checkpoint(init, seed)
-    base = out / "base"
+    replies = noisy_solutions(train_set, args.noisy_facts, args.noise, seed + 3)
+    sft_rows = [{"instruction": p["question"], "output": r} for p, r in zip(train_set, replies, strict=True)]
+    sft = _write_jsonl(out / "sft.jsonl", sft_rows)
+    test = _write_jsonl(out / "test.jsonl", questions(test_set))
+    pair_problems = train_set[: args.pairs]
+    probe = _write_jsonl(out / "probe.jsonl", questions(pair_problems))
+    init, base, lora, dpo = out / "base-init", out / "base", out / "sft", out / "dpo"
     common = {"precision": "fp32", "seed": seed}
-    _train(model=str(init), data=str(corpus), output=str(base), method="full", max_steps=args.base_steps,
-           batch_size=16, learning_rate=3e-3, warmup_steps=10, logging_steps=10, **common)  # fmt: skip
-    lora = out / "sft"
-    _train(model=str(base), data=str(sft), output=str(lora), method="lora", max_steps=args.sft_steps, batch_size=16,
-           learning_rate=4e-3, warmup_steps=20, logging_steps=20, **LORA, **common)  # fmt: skip
-    sft_accuracy = _math_accuracy(base, lora, test, out / "eval-sft.json")
+    if stage("base training", base / "config.json"):
+        texts = [p["question"] + p["solution"] for p in train_set] + ["[Round 1]\n\n问：出一道应用题\n\n答："]
+        train_tokenizer(texts, init)
+        _base_checkpoint(init, seed)
+        _train(model=str(init), data=str(corpus), output=str(base), method="full", max_steps=args.base_steps,
+               batch_size=16, learning_rate=3e-3, warmup_steps=10, logging_steps=10, **common)  # fmt: skip
+    if stage("LoRA SFT", lora / "adapter_config.json"):
+        _train(model=str(base), data=str(sft), output=str(lora), method="lora", max_steps=args.sft_steps,
+               batch_size=16, learning_rate=4e-3, warmup_steps=20, logging_steps=20, **LORA, **common)  # fmt: skip
+    if stage("evaluating SFT", out / "eval-sft.json"):
+        _math_accuracy(base, lora, test, out / "eval-sft.json")
+    sft_accuracy = json.loads((out / "eval-sft.json").read_text())["accuracy"]
     print(f"SFT accuracy: {sft_accuracy:.3f}", flush=True)
-    dpo = out / "dpo"
+    rng, own = random.Random(seed), 0
+    if args.rejected == "own":
+        if stage(f"the SFT model answers {len(pair_problems)} training problems", out / "probe-sft.json"):
+            _math_accuracy(base, lora, probe, out / "probe-sft.json")
+        records, own = on_policy_pairs(pair_problems, out / "probe-sft.records.jsonl", rng)
+    else:
+        records = [
+            {"instruction": p["question"], "chosen": p["solution"], "rejected": shifted(p, rng)} for p in pair_problems
+        ]
+    pairs = _write_jsonl(out / "pairs.jsonl", records)
+    stage("DPO from the SFT adapter (reference: the SFT model)")
     _train(model=str(base), data=str(pairs), output=str(dpo), objective="dpo", method="lora", ref_adapter=str(lora),
-           beta=args.beta, max_steps=args.dpo_steps, batch_size=16, learning_rate=args.learning_rate,
-           warmup_steps=10, logging_steps=10, lora_dropout=0.0, **common)  # fmt: skip
+           beta=args.beta, rpo_alpha=args.rpo_alpha, max_steps=args.dpo_steps, batch_size=16,
+           learning_rate=args.learning_rate, warmup_steps=10, logging_steps=1, lora_dropout=0.0, **common)  # fmt: skip
+    stage("evaluating DPO")
     dpo_accuracy = _math_accuracy(base, dpo, test, out / "eval-dpo.json")
     log = [json.loads(line) for line in (dpo / "log.jsonl").read_text().splitlines()]
     steps = [e for e in log if "loss" in e]
     summary = {
         "sft_accuracy": sft_accuracy,
         "dpo_accuracy": dpo_accuracy,
+        "delta": round(dpo_accuracy - sft_accuracy, 4),
+        "pairs": len(records),
+        "rejected_from_the_sft_model": own,
         "dpo_first_loss": steps[0]["loss"],
         "dpo_last_loss": steps[-1]["loss"],
         "dpo_last_margin": steps[-1]["rewards/margins"],

@@ -78,8 +78,9 @@ def glm(tiny_checkpoint):
     return lora_model(folder, "chatglm2-6b"), encoded_batch(folder, "chatglm2-6b")
 
 
-def trl_dpo(model, batch, beta: float):
-    """DPOTrainer._compute_loss on our batch (TRL's completion mask = our reply labels)."""
+def trl_dpo(model, batch, beta: float, sft_weight: float = 0.0):
+    """DPOTrainer._compute_loss on our batch (TRL's completion mask = our reply labels); with `sft_weight` α, TRL's
+    RPO: loss types sigmoid + sft weighted 1 and α."""
     from accelerate import Accelerator
     from trl import DPOTrainer
     from trl.trainer.utils import add_fused_lm_head
@@ -95,8 +96,8 @@ def trl_dpo(model, batch, beta: float):
         precompute_ref_logps=False,
         args=SimpleNamespace(gradient_checkpointing_kwargs=None),
         f_divergence_type="reverse_kl",
-        loss_types=["sigmoid"],
-        loss_weights=[1.0],
+        loss_types=["sigmoid", "sft"] if sft_weight else ["sigmoid"],
+        loss_weights=[1.0, sft_weight] if sft_weight else [1.0],
         beta=beta,
         label_smoothing=0.0,
         use_weighting=False,
@@ -128,6 +129,19 @@ def test_dpo_matches_trl(glm):
     # Summed log-probabilities are in the hundreds and TRL reports them from float32: equal to 1e-5 relative.
     assert ours.logps_chosen.mean().item() == pytest.approx(metrics["logps/chosen"], rel=TOL)
     assert ours.logps_rejected.mean().item() == pytest.approx(metrics["logps/rejected"], rel=TOL)
+
+
+def test_dpo_with_chosen_nll_matches_trl_rpo(glm):
+    """`--rpo-alpha`: the DPO loss plus α times the chosen replies' NLL per token, as TRL's sigmoid + sft."""
+    model, batch = glm
+    settings = PreferenceSettings(beta=0.1, rpo_alpha=0.7)
+    lp = our_logps(model, batch, reference=True)
+    ours = dpo_loss(lp, settings)
+    total = ours.per_pair.mean() + ours.token_sum / lp.chosen_tokens.sum()
+    loss, _ = trl_dpo(model, batch, settings.beta, sft_weight=settings.rpo_alpha)
+    assert abs(total.item() - loss.item()) <= TOL
+    assert total.item() - ours.per_pair.mean().item() > 0.1  # the NLL term is there
+    assert dpo_loss(lp, PreferenceSettings(beta=0.1)).token_sum is None  # and absent by default
 
 
 def _trl_batch_logps(model, batch, average: bool):

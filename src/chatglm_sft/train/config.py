@@ -124,6 +124,8 @@ class TrainConfig:
     """simpo: the target reward margin γ."""
     orpo_lambda: float = option(0.1, gt=0)
     """orpo: weight λ of the odds-ratio term beside the chosen reply's NLL."""
+    rpo_alpha: float = option(0.0, ge=0)
+    """dpo: weight α of the chosen reply's per-token NLL added to the loss (TRL's rpo_alpha; default 0: plain DPO)."""
     ref_model: str | None = option(None, exists="dir")
     """dpo: a separate reference model folder (default: the model training starts from)."""
     ref_adapter: str | None = option(None, exists="dir")

@@ -4,7 +4,9 @@ Preference losses follow TRL's definitions (the tests check them against TRL to 
 
 * ``dpo``: DPOTrainer's sigmoid loss on log-probabilities summed over the reply tokens, relative to the reference;
   with ``--label-smoothing`` ε, the conservative form -(1-ε)·logσ(βΔ) - ε·logσ(-βΔ) (TRL's ``robust`` is the
-  unbiased variant). Rewards are β·(log π - log π_ref).
+  unbiased variant). Rewards are β·(log π - log π_ref). With ``--rpo-alpha`` α, plus α times the NLL of the chosen
+  reply per token (TRL's ``rpo_alpha``, Pang et al. 2024; LLaMA-Factory's ``pref_ftx``): it keeps the chosen reply
+  likely where DPO alone lowers both replies.
 * ``orpo``: ORPOTrainer's odds-ratio term on length-averaged log-probabilities, weighted by λ, plus the NLL of the
   chosen reply (over reply tokens, as the ORPO paper and our SFT; TRL also counts the prompt's tokens). Rewards are
   λ·mean log π.
@@ -53,10 +55,11 @@ class PreferenceSettings:
     label_smoothing: float = 0.0
     simpo_gamma: float = 0.5
     orpo_lambda: float = 0.1
+    rpo_alpha: float = 0.0
 
     @classmethod
     def of(cls, config) -> PreferenceSettings:
-        return cls(config.beta, config.label_smoothing, config.simpo_gamma, config.orpo_lambda)
+        return cls(config.beta, config.label_smoothing, config.simpo_gamma, config.orpo_lambda, config.rpo_alpha)
 
 
 def _smoothed_sigmoid(logits: torch.Tensor, epsilon: float) -> torch.Tensor:
@@ -67,8 +70,9 @@ def dpo_loss(lp: PairLogps, s: PreferenceSettings) -> PairLoss:
     chosen_ratio = lp.chosen - lp.ref_chosen
     rejected_ratio = lp.rejected - lp.ref_rejected
     losses = _smoothed_sigmoid(s.beta * (chosen_ratio - rejected_ratio), s.label_smoothing)
+    nll_sum = -s.rpo_alpha * lp.chosen.sum() if s.rpo_alpha else None
     return PairLoss(
-        losses, None, s.beta * chosen_ratio.detach(), s.beta * rejected_ratio.detach(), lp.chosen, lp.rejected
+        losses, nll_sum, s.beta * chosen_ratio.detach(), s.beta * rejected_ratio.detach(), lp.chosen, lp.rejected
     )
 
 
