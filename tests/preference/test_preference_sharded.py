@@ -29,7 +29,7 @@ def inputs(tiny_checkpoint, tmp_path_factory) -> dict[str, Path]:
 def train(inputs: dict, output: Path, processes: int, *extra: str) -> Path:
     launcher = [sys.executable]
     if processes > 1:
-        launcher += ["-m", "torch.distributed.run", "--nproc-per-node", str(processes)]
+        launcher += ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(processes)]
     args = [
         *("-m", "chatglm_sft", "train", "--model", str(inputs["model"]), "--data", str(inputs["data"])),
         *("--output", str(output), "--objective", "dpo", "--method", "lora", "--batch-size", str(4 // processes)),
