@@ -109,8 +109,16 @@ def _rounds(messages: list[dict], template: str) -> tuple[str, list[tuple[str, s
     return system, pairs, contents[-1], None
 
 
+def _refuse_prompt_after_reply(reply: str | None, generation: bool, template: str) -> None:
+    """A round-based prompt ends with a user message: after an assistant reply there is nothing for the model to
+    continue (dropping the reply instead would lose it silently)."""
+    if reply is not None and generation:
+        raise UserError(f"the {template} template needs a user message last to prompt for a reply")
+
+
 def _render_chatglm6b(messages: list[dict], generation: bool, end: str) -> list[Segment]:
     system, history, query, reply = _rounds(messages, "chatglm-6b")
+    _refuse_prompt_after_reply(reply, generation, "chatglm-6b")
     if history:
         prompt = "".join(f"[Round {i}]\n问：{q}\n答：{a}\n" for i, (q, a) in enumerate(history))
         prompt += f"[Round {len(history)}]\n问：{query}\n答："
@@ -127,6 +135,7 @@ def _render_chatglm6b(messages: list[dict], generation: bool, end: str) -> list[
 
 def _render_chatglm2(messages: list[dict], generation: bool, end: str) -> list[Segment]:
     system, history, query, reply = _rounds(messages, "chatglm2-6b")
+    _refuse_prompt_after_reply(reply, generation, "chatglm2-6b")
     prompt, spans = (f"{system}\n\n" if system else ""), []
     for i, (q, a) in enumerate(history):
         prompt += f"[Round {i + 1}]\n\n问：{q}\n\n答："

@@ -24,7 +24,7 @@ def run(args: list[str]) -> None:
 def test_two_processes_equal_one_on_the_doubled_batch(tmp_path, tiny_checkpoint, objective):
     model = str(tiny_checkpoint("chatglm2-6b"))
     data = str(write_pairs(tmp_path / "pairs.json", arithmetic_pairs(8)))
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", SCRIPT]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", SCRIPT]
     run([*torchrun, model, data, str(tmp_path / "g2"), "2", objective, "ddp", str(tmp_path / "two.pt")])
     run([sys.executable, SCRIPT, model, data, str(tmp_path / "g1"), "4", objective, "auto", str(tmp_path / "one.pt")])
     one, two = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")

@@ -10,6 +10,7 @@ from transformers import AutoTokenizer
 
 from chatglm_sft import load_tokenizer
 from chatglm_sft.conversation import IGNORE_INDEX, encode_conversation
+from chatglm_sft.errors import UserError
 from chatglm_sft.families import get_family
 from chatglm_sft.tokenization.export import export_hf_tokenizer
 from tests.conftest import MODELS, TOKENIZE, need_shared
@@ -118,13 +119,30 @@ def test_exported_generated_tokenizer_equals_ours_in_plain_transformers(tmp_path
     for _ in range(10):
         # Prompts as the chat goldens have them: ending with a user turn; and without special-token strings in
         # the text, which a template rendered to text and tokenized again cannot keep as text.
-        messages = [
+        conversation = [
             m | {"content": m["content"].replace("<|user|>", "user").replace("[gMASK]", "mask")}
-            for m in random_conversation(rng, name)[:-1]
+            for m in random_conversation(rng, name)
         ]
+        messages = conversation[:-1]
         expected = ours.apply_chat_template(messages, add_generation_prompt=True, return_dict=False)
         assert plain.apply_chat_template(messages, add_generation_prompt=True, return_dict=False) == expected
+        # A whole conversation as training sees it: the last reply and the token that ends it.
+        assert plain.apply_chat_template(conversation, return_dict=False) == ours.apply_chat_template(conversation)
     assert load_tokenizer(tmp_path).family.name == ours.family.name
+
+
+def test_round_templates_refuse_a_generation_prompt_after_a_reply(tmp_path, tiny_checkpoint):
+    ours = load_tokenizer(tiny_checkpoint("chatglm2-6b"))
+    export_hf_tokenizer(ours.family, tiny_checkpoint("chatglm2-6b"), tmp_path)
+    plain = AutoTokenizer.from_pretrained(tmp_path)
+    messages = [{"role": "user", "content": "你好"}, {"role": "assistant", "content": "嗨"}]
+    with pytest.raises(UserError, match="user message last"):
+        ours.apply_chat_template(messages, add_generation_prompt=True)
+    with pytest.raises(Exception, match="user message last"):
+        plain.apply_chat_template(messages, add_generation_prompt=True)
+    for family in ("chatglm-6b", "chatglm2-6b"):
+        with pytest.raises(UserError, match="user message last"):
+            encode_conversation(load_tokenizer(tiny_checkpoint(family)), messages, add_generation_prompt=True)
 
 
 WORDS = [

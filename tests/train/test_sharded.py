@@ -33,7 +33,7 @@ def inputs(tiny_checkpoint, tiny_alpaca):
 def train(output: Path, processes: int, *extra: str) -> subprocess.CompletedProcess:
     launcher = [sys.executable]
     if processes > 1:
-        launcher += ["-m", "torch.distributed.run", "--nproc-per-node", str(processes)]
+        launcher += ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(processes)]
     batch = str(4 // processes)  # the same 4 examples per step however many processes share them
     args = [
         *("-m", "chatglm_sft", "train", "--model", str(INPUTS["model"]), "--data", str(INPUTS["data"])),

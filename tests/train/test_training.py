@@ -204,7 +204,7 @@ def test_shipped_recipes_load():
 @pytest.mark.slow
 def test_ddp_two_processes(tmp_path, tiny_checkpoint, tiny_alpaca):
     model = tiny_checkpoint("chatglm2-6b")
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
     out = tmp_path / "ddp"
     result = subprocess.run(
         [

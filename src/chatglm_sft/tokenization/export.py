@@ -33,7 +33,11 @@ _CHATGLM2 = (
     "{%- if m['role'] == 'system' -%}{{- m['content'] + '\\n\\n' -}}"
     "{%- elif m['role'] == 'user' -%}{%- set ns.round = ns.round + 1 -%}"
     "{{- '[Round ' ~ ns.round ~ ']\\n\\n问：' ~ m['content'] ~ '\\n\\n答：' -}}"
-    "{%- elif m['role'] == 'assistant' -%}{{- m['content'] -}}{%- if not loop.last -%}{{- '\\n\\n' -}}{%- endif -%}"
+    "{%- elif m['role'] == 'assistant' and not loop.last -%}{{- m['content'] + '\\n\\n' -}}"
+    # A last reply is a training target: encoded on its own (hence the dummy-prefix space), then the end token.
+    "{%- elif m['role'] == 'assistant' and add_generation_prompt -%}"
+    "{{- raise_exception('the chatglm2-6b template needs a user message last to prompt for a reply') -}}"
+    "{%- elif m['role'] == 'assistant' -%}{{- ' ' + m['content'] + eos_token -}}"
     "{%- endif -%}"
     "{%- endfor -%}"
 )
@@ -125,8 +129,9 @@ _JSON_TO_KWARGS = r"""
 {%- endmacro -%}
 """
 # What both families do with OpenAI messages (chatglm_sft.tools.formats): tools first, results as observations, a
-# call's text before its calls, one assistant message per call with the tool name as metadata. `message` and
-# `call_content` are each family's own.
+# call's text before its calls, one assistant message per call with the tool name as metadata; without a generation
+# prompt, the token THUDM's fine-tuning puts after the last message (`reply_end`). `message` and `call_content` are
+# each family's own.
 _TOOL_CONVERSATION = r"""
 {%- macro result_text(c) -%}
 {%- if c is none -%}{%- elif c is string -%}{{- c -}}{%- else -%}{{- c | tojson -}}{%- endif -%}
@@ -146,7 +151,7 @@ _TOOL_CONVERSATION = r"""
 {%- else -%}{{- message(m.role, m.metadata or '', m.content or '') -}}
 {%- endif -%}
 {%- endfor -%}
-{%- if add_generation_prompt -%}{{- generation -}}{%- endif -%}
+{%- if add_generation_prompt -%}{{- generation -}}{%- else -%}{{- reply_end -}}{%- endif -%}
 """
 # ChatGLM3 encodes "{metadata}\n" and the content separately, each with SentencePiece's dummy prefix: the space
 # after the newline stands for the content's own prefix.
@@ -156,6 +161,7 @@ _CHATGLM3 = (
     + r"""
 {%- set prefix = '<|chatglm-[gMASK]|><|chatglm-sop|>' -%}
 {%- set generation = '<|chatglm-assistant|>' -%}
+{%- set reply_end = eos_token -%}
 {%- macro message(role, metadata, content) -%}
 {{- '<|chatglm-' ~ role ~ '|>' ~ metadata ~ '\n ' ~ content -}}
 {%- endmacro -%}
@@ -187,6 +193,7 @@ _GLM4 = (
     r"""
 {%- set prefix = '[gMASK]<sop>' -%}
 {%- set generation = '<|assistant|>' -%}
+{%- set reply_end = '<|user|>' -%}
 {%- macro message(role, metadata, content) -%}
 {%- if content -%}{{- '<|' ~ role ~ '|>' ~ metadata ~ '\n' ~ content -}}{%- endif -%}
 {%- endmacro -%}
