@@ -1,8 +1,8 @@
 """Tool calling learnt by a tiny model: `eval --task tools` name accuracy on held-out requests before and after a
 LoRA fine-tune on the generated tool-use conversations, for a ChatGLM3-layout and a GLM-4-layout model
-(`chatglm_sft.tools.tiny_run`; the figures in docs/tools.md come from here).
+(`chatglm_sft.tools.tiny_run`, the same run as tests/tools/test_tiny_tool_training.py; figures in docs/tools.md).
 
-    python benchmarks/tools_tiny.py OUTPUT_DIR [--family chatglm3-6b --family glm-4] [--steps 200] [--seed 0]
+    python benchmarks/tools_tiny.py OUTPUT_DIR [--family chatglm3-6b --family glm-4] [--steps 500] [--seed 0]
 """
 
 from __future__ import annotations

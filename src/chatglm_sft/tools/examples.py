@@ -2,7 +2,8 @@
 
 `training_records` gives whole conversations (request, call, the tool's result, the final answer) in the
 ``openai-tools`` record format; `evaluation_records` gives held-out requests (other numbers and cities, a seed of
-their own) with `reference_tool_calls`, for ``chatglm-sft eval --task tools``. Everything follows from the seed.
+their own) with `reference_tool_calls`, for ``chatglm-sft eval --task tools``; `copy_records` gives tool-less
+"repeat after me" chats, text for a base model (see `chatglm_sft.tools.tiny_run`). Everything follows from the seed.
 """
 
 from __future__ import annotations
@@ -11,22 +12,28 @@ import json
 import random
 
 
-def _function(name: str, description: str, properties: dict, required: list[str]) -> dict:
-    parameters = {"type": "object", "properties": properties, "required": required}
+def _function(name: str, description: str, properties: dict) -> dict:
+    # No "required" list (JSON Schema's default: none): it would lengthen every prompt, which the tools preamble
+    # already dominates, by a sixth.
+    parameters = {"type": "object", "properties": properties}
     return {"type": "function", "function": {"name": name, "description": description, "parameters": parameters}}
 
 
 TOOLS = [
-    _function("calculator", "Evaluate an arithmetic expression", {"expression": {"type": "string"}}, ["expression"]),
-    _function("get_weather", "Current weather in a city", {"city": {"type": "string"}}, ["city"]),
+    _function("calculator", "Evaluate an arithmetic expression", {"expression": {"type": "string"}}),
+    _function("get_weather", "Current weather in a city", {"city": {"type": "string"}}),
     _function(
         "convert_units",
         "Convert a value between units",
         {"value": {"type": "number"}, "from_unit": {"type": "string"}, "to_unit": {"type": "string"}},
-        ["value", "from_unit", "to_unit"],
     ),
 ]
-TRAIN_CITIES = ["北京", "上海", "Paris", "Tokyo", "London", "广州"]
+# Many training cities, so that a small model learns to call the weather tool from the question's words rather than
+# from a few city names it has memorised; the held-out ones never appear in training.
+TRAIN_CITIES = [
+    *["北京", "上海", "广州", "成都", "武汉", "南京", "西安", "重庆", "天津", "长沙", "青岛", "厦门"],
+    *["Paris", "Tokyo", "London", "Rome", "Sydney", "Cairo", "Moscow", "Seoul", "Toronto", "Dubai", "Vienna", "Lima"],
+]
 HELD_OUT_CITIES = ["Berlin", "深圳", "Madrid", "杭州"]
 _UNITS = [("km", "mile", 0.621, "公里", "英里"), ("kg", "pound", 2.205, "千克", "磅")]
 
@@ -35,13 +42,15 @@ def _calculator(rng: random.Random, _cities: list[str]) -> tuple[str, dict, obje
     a, b = rng.randint(2, 99), rng.randint(2, 99)
     op, word_en, word_zh, result = rng.choice([("+", "plus", "加", a + b), ("*", "times", "乘以", a * b)])
     request = rng.choice([f"What is {a} {word_en} {b}?", f"{a}{word_zh}{b}等于多少？"])
-    answer = f"The answer is {result}." if request.isascii() else f"结果是{result}。"
+    answer = f"{a} {word_en} {b} is {result}." if request.isascii() else f"{a}{word_zh}{b}等于{result}。"
     return request, {"expression": f"{a}{op}{b}"}, {"result": result}, answer
 
 
 def _weather(rng: random.Random, cities: list[str]) -> tuple[str, dict, object, str]:
     city, temp = rng.choice(cities), rng.randint(-5, 35)
-    request = rng.choice([f"What's the weather in {city}?", f"{city}今天天气怎么样？"])
+    # The comma keeps the city its own token: without it a tokenizer trained on this data learns "北京今天天气怎么样"
+    # as one token for each training city, and a held-out city's request shares nothing with them.
+    request = rng.choice([f"What's the weather in {city}?", f"{city}，今天天气怎么样？"])
     answer = f"It is {temp}°C in {city}." if request.isascii() else f"{city}现在{temp}度。"
     return request, {"city": city}, {"city": city, "temperature": temp}, answer
 
@@ -97,4 +106,18 @@ def evaluation_records(count: int, seed: int = 1) -> list[dict]:
                 "reference_tool_calls": [{"name": name, "arguments": arguments}],
             }
         )
+    return records
+
+
+def copy_records(count: int, seed: int = 2) -> list[dict]:
+    """Plain chats (no tools) that repeat a city name, any of them held-out ones included, or a number: text from
+    which a base model learns these words and to copy them from a request, as a pretrained model knows city names.
+    None of them asks about the weather or calls anything."""
+    rng = random.Random(seed)
+    words = [*TRAIN_CITIES, *HELD_OUT_CITIES]
+    records = []
+    for _ in range(count):
+        word = rng.choice(words) if rng.random() < 0.5 else str(rng.randint(1, 500))
+        request = rng.choice([f"Repeat after me: {word}", f"请重复：{word}"])
+        records.append({"messages": [{"role": "user", "content": request}, {"role": "assistant", "content": word}]})
     return records
