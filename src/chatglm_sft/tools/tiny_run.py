@@ -52,8 +52,9 @@ class TinyToolRun:
     head_dim: int = 16
     """Width of each head (32 learnt less for GLM-4: name accuracy 0.38 against 0.70)."""
     base_steps: int = 150
-    """Full fine-tuning steps of the random model on the conversations without tools (requests and answers): the
-    base model the LoRA starts from "speaks" the data's language but has never seen a tool."""
+    """Full fine-tuning steps (of 16 chats) of the random model on text without tools (each request with its final
+    answer, and the copy chats): the base model the LoRA starts from knows the data's words but has never seen a
+    tool."""
     base_learning_rate: float = 3e-3
     """Learning rate of the base training."""
     steps: int = 500
