@@ -32,6 +32,11 @@ def pytest_configure(config):
     """A tokenizer cache of this test session's own (see chatglm_sft.tokenization.cache): tests never read entries
     that another version of the code wrote, and the subprocesses they start share it."""
     os.environ["CHATGLM_SFT_CACHE"] = tempfile.mkdtemp(prefix="chatglm-sft-test-cache-")
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        # One thread per xdist worker (and per process it starts): two workers with torch's default of one thread
+        # per core oversubscribe the cores, and OpenMP's spinning threads then made steps several times slower.
+        os.environ["OMP_NUM_THREADS"] = "1"
+        torch.set_num_threads(1)
 
 
 def cli(*args: str, **kw) -> subprocess.CompletedProcess:
