@@ -18,18 +18,19 @@ from __future__ import annotations
 
 import math
 import random
-from contextlib import nullcontext
-from dataclasses import dataclass
+from contextlib import contextmanager, nullcontext
+from dataclasses import asdict, dataclass, fields
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 
 from chatglm_sft.conversation import IGNORE_INDEX
-from chatglm_sft.data.dataset import write_rejected
+from chatglm_sft.data.dataset import cache_key, write_rejected
 from chatglm_sft.data.pairs import EncodedPair, check_pairs, encode_pair
 from chatglm_sft.errors import UserError
 from chatglm_sft.train.batching import epoch_order, pad_batch
-from chatglm_sft.train.loop import Trainer, _say
+from chatglm_sft.train.loop import Trainer, _say, cached_by_rank0
 from chatglm_sft.train.methods import METHODS
 from chatglm_sft.train.objectives import OBJECTIVES, PairLogps, PreferenceSettings
 
@@ -62,6 +63,12 @@ def check_options(config) -> None:
         raise UserError("--ref-adapter and --ref-model both name the reference; give one")
 
 
+def encode_pairs(tokenizer, pairs: list, max_length: int) -> dict[str, list]:
+    """The pairs' ids and labels by `EncodedPair` field: the columns of the tokenized-pairs cache."""
+    encoded = [asdict(encode_pair(tokenizer, pair, max_length)) for pair in pairs]
+    return {f.name: [e[f.name] for e in encoded] for f in fields(EncodedPair)}
+
+
 def pair_batch(pairs: list[EncodedPair], pad_id: int) -> dict[str, torch.Tensor]:
     """2·B left-padded rows: the chosen conversations, then the rejected ones."""
     rows = [(p.chosen_ids, p.chosen_labels) for p in pairs] + [(p.rejected_ids, p.rejected_labels) for p in pairs]
@@ -76,7 +83,8 @@ def sequence_logps(model, batch: dict[str, torch.Tensor], autocast: torch.dtype 
     keep = torch.zeros_like(labels, dtype=torch.bool)
     keep[:, :-1] = target != IGNORE_INDEX
     device = labels.device
-    with torch.autocast(device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
+    autocasting = torch.autocast(device.type, dtype=autocast or torch.float32, enabled=autocast is not None)
+    with autocasting, float32_output_layer(model):
         logits = model(
             input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False, logits_to_keep=keep
         ).logits
@@ -86,6 +94,37 @@ def sequence_logps(model, batch: dict[str, torch.Tensor], autocast: torch.dtype 
     rows = keep.nonzero()[:, 0]
     sums = torch.zeros(labels.shape[0], dtype=token_logps.dtype, device=device).index_add(0, rows, token_logps)
     return sums, keep.sum(dim=1)
+
+
+@contextmanager
+def float32_output_layer(model):
+    """Inside, the output layer computes in float32 even under autocast, when its weight is float32 (a LoRA or
+    P-Tuning run over a float32 base, the default, or full/freeze training).
+
+    Preference losses compare summed log-probabilities of two nearly equal models (policy and reference, or two
+    replies). bf16 logits round each token's log-probability by up to ~2^-8 of its size (~0.05 nats at -11),
+    uncorrelated between the two models once the adapter moves; on a tiny ChatGLM-6B that noise was larger than
+    the margins 40 DPO steps learn (~3e-3), and `rewards/accuracies` read 0.25 where float32 reads 1.0. The output
+    layer is a small share of the work (logits are computed for reply tokens only); a half-precision weight (a bf16
+    base, DeepSpeed's bf16 mode) is left as it is rather than copied to float32 on every step."""
+    head = getattr(model, "module", model).get_output_embeddings()  # under DDP and DeepSpeed: the wrapped model
+    if head is None or head.weight.dtype != torch.float32:
+        yield
+        return
+    saved, compute = head.__dict__.get("forward"), head.forward  # (an instance `forward`: accelerate's hooks)
+
+    def forward(hidden: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(hidden.device.type, enabled=False):
+            return compute(hidden.float())
+
+    head.forward = forward
+    try:
+        yield
+    finally:
+        if saved is None:
+            del head.forward
+        else:
+            head.forward = saved
 
 
 def disable_dropout(model) -> None:
@@ -132,7 +171,17 @@ class PreferenceTrainer(Trainer):
         pairs = [pair for _, pair in report.good][: c.max_samples or None]
         if not pairs:
             raise UserError(f"{c.data}: no usable pairs")
-        examples = [PairExample(i, encode_pair(self.tokenizer, p, c.max_length)) for i, p in enumerate(pairs)]
+        settings = {
+            "kind": "pairs",
+            "max_length": c.max_length,
+            "max_samples": c.max_samples,
+            "on_bad_record": c.on_bad_record,
+        }
+        key = cache_key(c.data, c.model, self.family, settings)
+        build = partial(encode_pairs, self.tokenizer, pairs, c.max_length)
+        columns = cached_by_rank0(d, self.out / "cache", key, build)
+        encoded = [EncodedPair(*row) for row in zip(*(columns[f.name] for f in fields(EncodedPair)), strict=True)]
+        examples = [PairExample(i, pair) for i, pair in enumerate(encoded)]
         order = list(range(len(examples)))
         random.Random(c.seed).shuffle(order)
         n_eval = int(len(examples) * (c.eval_split or 0.0))
