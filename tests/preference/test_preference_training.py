@@ -8,9 +8,13 @@ import math
 import shutil
 
 import pytest
+from datasets import load_from_disk
 
+import chatglm_sft
+from chatglm_sft.data.pairs import check_pairs, encode_pair
 from chatglm_sft.errors import UserError
 from chatglm_sft.options import OptionError
+from chatglm_sft.train import preference
 from chatglm_sft.train.config import load_config
 from chatglm_sft.train.loop import train as run_training
 from chatglm_sft.train.preference import METRICS
@@ -18,9 +22,10 @@ from tests.conftest import cli
 from tests.preference.pairs_data import arithmetic_pairs, write_pairs
 
 
-def train(model, data, out, *extra):
-    """The CLI in a subprocess."""
-    args = ("--model", str(model), "--data", str(data), "--output", str(out), "--precision", "fp32", *extra)
+def train(model, data, out, *extra, precision: str | None = "fp32"):
+    """The CLI in a subprocess (`precision` None: the default, `auto`)."""
+    args = ("--model", str(model), "--data", str(data), "--output", str(out), *extra)
+    args += ("--precision", precision) if precision else ()
     result = cli("train", *args)
     assert result.returncode == 0, result.stderr[-3000:]
     return result
@@ -47,7 +52,8 @@ def pairs(tmp_path):
 def test_dpo_lora_starts_at_ln2_and_learns_the_preference(tiny_checkpoint, tmp_path, pairs, family):
     out = tmp_path / "out"
     args = ("--objective", "dpo", "--method", "lora", "--max-steps", "40")
-    result = train(tiny_checkpoint(family), pairs, out, *args)
+    # The acceptance call as written: the default precision, which is bf16 autocast on a CPU with AMX.
+    result = train(tiny_checkpoint(family), pairs, out, *args, precision=None)
     assert "reference: the base model (the adapter disabled)" in result.stdout
     log = train_log(out)
     assert len(log) == 40 and all(set(METRICS) <= set(e) for e in log)
@@ -164,3 +170,26 @@ def test_dpo_on_chatglm3_and_glm4_starts_at_ln2(tiny_checkpoint, tmp_path, capsy
     out = tmp_path / "out"
     train_here(capsys, tiny_checkpoint(family), data, out, objective="dpo", max_steps=1)
     assert train_log(out)[0]["loss"] == pytest.approx(math.log(2), abs=1e-3)
+
+
+def test_tokenized_pairs_are_cached_and_rebuilt_when_a_setting_changes(tiny_checkpoint, tmp_path, pairs, capsys):
+    """A second run over the same output reads the encoded pairs back instead of encoding them again; another
+    `max_length` gets entries of its own, whose ids are those of a fresh encoding."""
+    model, out = tiny_checkpoint("chatglm2-6b"), tmp_path / "out"
+    train_here(capsys, model, pairs, out, objective="dpo", max_steps=1)
+    assert len(list((out / "cache").iterdir())) == 1
+
+    def refuse(*_args):
+        raise AssertionError("pairs encoded again although the cache holds them")
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(preference, "encode_pairs", refuse)
+        train_here(capsys, model, pairs, out, objective="dpo", max_steps=1)
+    train_here(capsys, model, pairs, out, objective="dpo", max_steps=1, max_length=24)
+    entries = sorted((out / "cache").iterdir())
+    assert len(entries) == 2
+    tokenizer = chatglm_sft.load_tokenizer(model)
+    expected = [encode_pair(tokenizer, pair, 24) for _, pair in check_pairs(pairs, tokenizer.family).good]
+    short = [e for e in map(load_from_disk, map(str, entries)) if max(map(len, e["chosen_ids"])) <= 24]
+    assert len(short) == 1 and list(short[0]["chosen_ids"]) == [p.chosen_ids for p in expected]
+    assert list(short[0]["rejected_labels"]) == [p.rejected_labels for p in expected]

@@ -14,7 +14,7 @@ import hashlib
 import importlib.util
 import json
 import statistics
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -147,6 +147,7 @@ ENCODER_MODULES = (
     "chatglm_sft.families",
     "chatglm_sft.data.dataset",
     "chatglm_sft.data.formats",
+    "chatglm_sft.data.pairs",
     "chatglm_sft.data.readers",
     "chatglm_sft.tools.formats",
     "chatglm_sft.tokenization",
@@ -196,16 +197,17 @@ def _hash_file(digest, path: Path) -> None:
             digest.update(block)
 
 
-def cached_tokenized(cache_dir: Path, key: str, build) -> tuple[list[list[int]], list[list[int]]]:
-    """Load the tokenized set from `cache_dir/key`, or build it with `build()` and save it there."""
+def cached_columns(cache_dir: Path, key: str, build: Callable[[], dict[str, list]]) -> dict[str, Sequence]:
+    """The tokenized set's columns from `cache_dir/key`, or built with `build()` (equal-length lists by name) and
+    saved there."""
     from datasets import Dataset, load_from_disk
 
     target = cache_dir / key
     if target.is_dir():
         dataset = load_from_disk(str(target))
-        return dataset["input_ids"], dataset["labels"]
-    input_ids, labels = build()
+        return {name: dataset[name] for name in dataset.column_names}
+    columns = build()
     tmp = cache_dir / f".{key}.tmp"
-    Dataset.from_dict({"input_ids": input_ids, "labels": labels}).save_to_disk(str(tmp))
+    Dataset.from_dict(columns).save_to_disk(str(tmp))
     tmp.rename(target)
-    return input_ids, labels
+    return columns

@@ -25,7 +25,7 @@ from chatglm_sft.batches import answer_cross_entropy, answer_positions
 from chatglm_sft.conversation import IGNORE_INDEX
 from chatglm_sft.data.dataset import (
     cache_key,
-    cached_tokenized,
+    cached_columns,
     check_records,
     tokenize_records,
     write_rejected,
@@ -107,6 +107,17 @@ def lr_factor(step: int, config: TrainConfig, total: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
+def cached_by_rank0(d: Dist, cache_dir: Path, key: str, build) -> dict:
+    """`cached_columns` where rank 0 builds a missing cache while the other ranks wait, then read it."""
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    if d.world > 1 and not d.main:
+        dist.barrier()  # let rank 0 build the cache first
+    columns = cached_columns(cache_dir, key, build)
+    if d.world > 1 and d.main:
+        dist.barrier()
+    return columns
+
+
 def _say(d: Dist, message: str) -> None:
     if d.main:
         print(message, flush=True)
@@ -138,7 +149,6 @@ def load_data(config: TrainConfig, tokenizer, family, out: Path, d: Dist):
         "on_bad_record": config.on_bad_record,
     }
     cache_dir = out / "cache"
-    cache_dir.mkdir(parents=True, exist_ok=True)
 
     def build():
         tokenized = tokenize_records(tokenizer, conversations, config.max_length, config.train_on == "last")
@@ -148,15 +158,10 @@ def load_data(config: TrainConfig, tokenizer, family, out: Path, d: Dist):
                 f"{tokenized.truncated} example(s) longer than {config.max_length} tokens were shortened "
                 "(oldest rounds first)",
             )
-        return tokenized.input_ids, tokenized.labels
+        return {"input_ids": tokenized.input_ids, "labels": tokenized.labels}
 
-    if d.world > 1 and not d.main:
-        dist.barrier()  # let rank 0 build the cache first
-    key = cache_key(config.data, config.model, family, settings)
-    input_ids, labels = cached_tokenized(cache_dir, key, build)
-    if d.world > 1 and d.main:
-        dist.barrier()
-    examples = list(zip(input_ids, labels, strict=True))
+    columns = cached_by_rank0(d, cache_dir, cache_key(config.data, config.model, family, settings), build)
+    examples = list(zip(columns["input_ids"], columns["labels"], strict=True))
     order = list(range(len(examples)))
     random.Random(config.seed).shuffle(order)
     n_eval = int(len(examples) * (config.eval_split or 0.0))
