@@ -76,8 +76,6 @@ def _prepare_prefix(model, config: TrainConfig, family: Family):
 
 def _prepare_lora(model, config: TrainConfig, family: Family):
     """PEFT LoRA on the family's target modules; with `--ref-adapter` the given adapter is continued."""
-    if config.method == "qlora":
-        model = quantize_nf4(model)
     if getattr(config, "ref_adapter", None):
         from peft import PeftModel
 
@@ -95,6 +93,11 @@ def _prepare_lora(model, config: TrainConfig, family: Family):
         task_type="CAUSAL_LM",
     )
     return get_peft_model(model, lora)
+
+
+def _prepare_qlora(model, config: TrainConfig, family: Family):
+    """LoRA over the base quantized to 4-bit NF4."""
+    return _prepare_lora(quantize_nf4(model), config, family)
 
 
 def _prepare_full(model, config: TrainConfig, family: Family):
@@ -233,7 +236,7 @@ METHODS: dict[str, Method] = {
         Method("ptuning", _prepare_prefix, _frozen_base_dtype, "prefix", save_prefix),
         Method(
             "qlora",
-            _prepare_lora,
+            _prepare_qlora,
             lambda c: "bfloat16",
             "adapter",
             _save_adapter,
