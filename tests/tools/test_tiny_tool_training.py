@@ -9,17 +9,9 @@ import pytest
 
 from chatglm_sft.tools.tiny_run import run_tiny_tools
 
-GLM4_SHORT = (
-    "GLM-4's tiny model names the right tool but writes arguments that are not JSON too often: name accuracy 0.00 -> "
-    "0.70 with the defaults (docs/tools.md); at ~8 minutes a run it is not run here until it passes"
-)
-
 
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    "family",
-    ["chatglm3-6b", pytest.param("glm-4-9b-chat", marks=pytest.mark.xfail(reason=GLM4_SHORT, run=False))],
-)
+@pytest.mark.parametrize("family", ["chatglm3-6b", "glm-4-9b-chat"])
 def test_lora_learns_to_call_the_right_tool(tmp_path, family):
     summary = run_tiny_tools(tmp_path, family)
     assert summary["before"]["name_accuracy"] <= 0.1

@@ -195,14 +195,22 @@ def _invalid_utf8_strings(length: int):
 
 
 def write_tiktoken_tokenizer(
-    folder: Path, family: str | Family = "glm-4", texts: list[str] | None = None, vocab_size: int = 1000
+    folder: Path,
+    family: str | Family = "glm-4",
+    texts: list[str] | None = None,
+    vocab_size: int = 1000,
+    split_digits: bool = False,
 ) -> Path:
-    """A tiktoken ranks file (`base64(token) rank` per line) in GLM-4's layout and its `tokenizer_config.json`."""
+    """A tiktoken ranks file (`base64(token) rank` per line) in GLM-4's layout and its `tokenizer_config.json`.
+    `split_digits` learns no merge of digits (as the ChatGLM2/3 writer's sentencepiece does), so every number is
+    spelt digit by digit; GLM-4's split pattern still applies when encoding."""
     family = get_family(family) if isinstance(family, str) else family
     bpe = Tokenizer(models.BPE())
+    digits = [pre_tokenizers.Digits(individual_digits=True)] if split_digits else []
     bpe.pre_tokenizer = pre_tokenizers.Sequence(
         [
             pre_tokenizers.Split(Regex(GLM4_PATTERN), behavior="isolated"),
+            *digits,
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
         ]
     )

@@ -28,9 +28,12 @@ from chatglm_sft.tools.examples import copy_records, evaluation_records, trainin
 
 TOKENIZER_OPTIONS = {
     "sentencepiece": {"vocab_size": 3000, "whitespace_pieces": True},
-    "tiktoken": {"vocab_size": 3000},
+    "tiktoken": {"vocab_size": 3000, "split_digits": True},
 }
-"""Per `Family.tokenizer_kind`: the writer's options for a tokenizer that compresses the tools prompt."""
+"""Per `Family.tokenizer_kind`: the writer's options for a tokenizer that compresses the tools prompt. Digits stay
+single tokens in both (the sentencepiece writer always splits them): with GLM-4's merges of up to three digits each
+number of a request is its own rare token, which a tiny model cannot copy, and GLM-4's model filled the number slot
+of its JSON arguments with a frequent word instead (`{"value": 成都}`: 27 of 60 calls did not parse)."""
 
 
 @dataclass(frozen=True)
