@@ -28,17 +28,29 @@ from chatglm_sft.demo.tokenizer import train_tokenizer
 LORA = {"lora_r": 32, "lora_alpha": 64, "lora_targets": "q_proj,k_proj,v_proj,o_proj,gate_up_proj,down_proj"}
 
 
-def with_result(problem: dict, value: int) -> str:
+REPLY_FORMATS = {"equation": "{lhs}={value}", "demo": "{lhs}={value}，答：{value}"}
+"""How a reply states its result. ``demo`` is the demo's worked answer, which states it twice: a wrong reply then
+differs from the right one in two places, and DPO learns to make the second copy unlikely (it stops copying the
+result into ``答：``) instead of changing the result. ``equation`` states it once, so the two replies of a pair
+differ at one token and DPO's term there is the logit of the right result minus the wrong one's."""
+
+
+def with_result(problem: dict, value: int, reply_format: str) -> str:
     """The problem's working with `value` as its result."""
-    return f"{problem['solution'].split('=')[0]}={value}，答：{value}"
+    return REPLY_FORMATS[reply_format].format(lhs=problem["solution"].split("=")[0], value=value)
 
 
-def shifted(problem: dict, rng: random.Random) -> str:
+def solution(problem: dict, reply_format: str) -> str:
+    """The correct reply."""
+    return with_result(problem, problem["answer"], reply_format)
+
+
+def shifted(problem: dict, rng: random.Random, reply_format: str) -> str:
     """The problem's working with a result off by 1 to 3."""
-    return with_result(problem, problem["answer"] + rng.choice([-3, -2, -1, 1, 2, 3]))
+    return with_result(problem, problem["answer"] + rng.choice([-3, -2, -1, 1, 2, 3]), reply_format)
 
 
-def noisy_solutions(problems: list[dict], share: float, rate: float, seed: int) -> list[str]:
+def noisy_solutions(problems: list[dict], share: float, rate: float, seed: int, reply_format: str) -> list[str]:
     """SFT replies from a source of mixed quality: for a `share` of the arithmetic facts (4+5, 3-2, ...) a reply is
     wrong with probability `rate`, always off the same way for a fact (4+5=10, say); the others are right."""
     rng = random.Random(seed)
@@ -47,7 +59,8 @@ def noisy_solutions(problems: list[dict], share: float, rate: float, seed: int) 
     replies = []
     for p in problems:
         offset = offsets.get(p["solution"].split("=")[0])
-        replies.append(with_result(p, p["answer"] + offset) if offset and rng.random() < rate else p["solution"])
+        value = p["answer"] + offset if offset and rng.random() < rate else p["answer"]
+        replies.append(with_result(p, value, reply_format))
     return replies
 
 
@@ -56,7 +69,9 @@ def questions(problems: list[dict]) -> list[dict]:
     return [{"original_text": p["question"], "ans": str(p["answer"])} for p in problems]
 
 
-def on_policy_pairs(problems: list[dict], records: Path, rng: random.Random) -> tuple[list[dict], int]:
+def on_policy_pairs(
+    problems: list[dict], records: Path, rng: random.Random, reply_format: str
+) -> tuple[list[dict], int]:
     """Pairs from the SFT model's greedy answers to the training problems (on-policy), chosen = the correct working:
 
     * where it erred, rejected = its own wrong reply (it answers 8 where 9 is right, say);
@@ -66,7 +81,7 @@ def on_policy_pairs(problems: list[dict], records: Path, rng: random.Random) -> 
     The other problems make no pair. Returns the pairs and how many rejected replies are the model's own."""
     answers = [json.loads(line) for line in records.read_text(encoding="utf-8").splitlines()]
     own = [
-        None if a["correct"] or a["response"].strip() in ("", p["solution"]) else a["response"].strip()
+        None if a["correct"] or a["response"].strip() in ("", solution(p, reply_format)) else a["response"].strip()
         for p, a in zip(problems, answers, strict=True)
     ]
     should_be: dict[float, set[int]] = {}  # an answer the model gives wrongly -> the answers it should have given
@@ -76,9 +91,10 @@ def on_policy_pairs(problems: list[dict], records: Path, rng: random.Random) -> 
     pairs = []
     for problem, mistake in zip(problems, own, strict=True):
         reverse = sorted(should_be.get(problem["answer"], set()) - {problem["answer"]})
-        rejected = mistake or (with_result(problem, rng.choice(reverse)) if reverse else None)
+        rejected = mistake or (with_result(problem, rng.choice(reverse), reply_format) if reverse else None)
         if rejected:
-            pairs.append({"instruction": problem["question"], "chosen": problem["solution"], "rejected": rejected})
+            chosen = solution(problem, reply_format)
+            pairs.append({"instruction": problem["question"], "chosen": chosen, "rejected": rejected})
     return pairs, sum(m is not None for m in own)
 
 
@@ -97,11 +113,14 @@ def main() -> None:
     parser.add_argument("--rejected", choices=["own", "shifted"], default="own",
                         help="own: on-policy pairs from the SFT model's mistakes (see on_policy_pairs); shifted: "
                         "every problem, rejected = the correct working with a result off by 1-3")  # fmt: skip
+    parser.add_argument("--reply-format", choices=sorted(REPLY_FORMATS), default="equation",
+                        help="how SFT replies and pairs state the result (see REPLY_FORMATS)")  # fmt: skip
     parser.add_argument("--pairs", type=int, default=1000, help="training problems to make pairs of")
     keep = "keep the base model, SFT adapter and evaluations already in OUTPUT (to tune DPO)"
     parser.add_argument("--reuse", action="store_true", help=keep)
     args = parser.parse_args()
     out, seed, start = Path(args.output), args.seed, time.perf_counter()
+    fmt = args.reply_format
 
     def stage(text: str, done: Path | None = None) -> bool:
         """Print the stage; True when it is to run (not reused)."""
@@ -117,7 +136,7 @@ def main() -> None:
         [{"instruction": "出一道应用题", "output": p["question"]} for p in train_set]
         + [{"instruction": "写一个算式", "output": e["solution"]} for e in equations],
     )
-    replies = noisy_solutions(train_set, args.noisy_facts, args.noise, seed + 3)
+    replies = noisy_solutions(train_set, args.noisy_facts, args.noise, seed + 3, fmt)
     sft_rows = [{"instruction": p["question"], "output": r} for p, r in zip(train_set, replies, strict=True)]
     sft = _write_jsonl(out / "sft.jsonl", sft_rows)
     test = _write_jsonl(out / "test.jsonl", questions(test_set))
@@ -142,10 +161,11 @@ def main() -> None:
     if args.rejected == "own":
         if stage(f"the SFT model answers {len(pair_problems)} training problems", out / "probe-sft.json"):
             _math_accuracy(base, lora, probe, out / "probe-sft.json")
-        records, own = on_policy_pairs(pair_problems, out / "probe-sft.records.jsonl", rng)
+        records, own = on_policy_pairs(pair_problems, out / "probe-sft.records.jsonl", rng, fmt)
     else:
         records = [
-            {"instruction": p["question"], "chosen": p["solution"], "rejected": shifted(p, rng)} for p in pair_problems
+            {"instruction": p["question"], "chosen": solution(p, fmt), "rejected": shifted(p, rng, fmt)}
+            for p in pair_problems
         ]
     pairs = _write_jsonl(out / "pairs.jsonl", records)
     stage("DPO from the SFT adapter (reference: the SFT model)")
