@@ -18,6 +18,7 @@ from chatglm_sft.batches import left_pad_ids
 from chatglm_sft.families import Family, get_family
 from chatglm_sft.infer.sampling import SamplingParams, next_tokens
 from chatglm_sft.models.architectures import architecture_of
+from chatglm_sft.models.matvec import use_matvec_kernels
 from chatglm_sft.tools import decode_reply, parse_reply
 
 
@@ -43,7 +44,10 @@ class Generation:
 
 
 class Engine:
-    """Generate with a loaded model and its tokenizer (see `chatglm_sft.load_model` / `load_tokenizer`)."""
+    """Generate with a loaded model and its tokenizer (see `chatglm_sft.load_model` / `load_tokenizer`).
+
+    On the CPU the model's bf16 linear layers get a matrix-vector path for one-row inputs (in place:
+    `chatglm_sft.models.matvec`), which is what a decode step at batch 1 is made of."""
 
     def __init__(self, model, tokenizer, family: Family | None = None):
         self.model = model
@@ -52,6 +56,8 @@ class Engine:
         self.arch = architecture_of(self.family)
         self.stop_ids = set(self.family.stop_ids)
         self.device = next(model.parameters()).device
+        if self.device.type == "cpu":
+            use_matvec_kernels(model)
 
     # --- low level: token ids -------------------------------------------------------------------------------------
 
