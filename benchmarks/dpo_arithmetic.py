@@ -8,7 +8,8 @@ model answers 1,000 training problems greedily; chosen = the correct worked answ
 Math23K scorer) before and after. Results and the runs around them: docs/preference.md.
 
     python benchmarks/dpo_arithmetic.py OUTPUT_DIR [--sft-steps 400] [--dpo-steps 40] [--learning-rate 2e-4]
-        [--beta 0.1] [--rpo-alpha 0] [--rejected own|shifted] [--noisy-facts 0.3] [--noise 0.6] [--reuse]
+        [--beta 0.1] [--rpo-alpha 0] [--rejected own|shifted] [--every-problem] [--reply-format equation|demo]
+        [--noisy-facts 0.3] [--noise 0.6] [--reuse]
 
 `--rpo-alpha 1 --beta 1e-5` is the control: the NLL of the chosen replies with the preference term made negligible.
 """
@@ -70,13 +71,15 @@ def questions(problems: list[dict]) -> list[dict]:
 
 
 def on_policy_pairs(
-    problems: list[dict], records: Path, rng: random.Random, reply_format: str
+    problems: list[dict], records: Path, rng: random.Random, reply_format: str, every_problem: bool = False
 ) -> tuple[list[dict], int]:
     """Pairs from the SFT model's greedy answers to the training problems (on-policy), chosen = the correct working:
 
     * where it erred, rejected = its own wrong reply (it answers 8 where 9 is right, say);
     * where it was right with an answer it wrongly gives elsewhere, rejected = the same confusion the other way round
-      (9 where 8 is right): pairs of its mistakes alone teach a blanket "say a larger digit".
+      (9 where 8 is right): pairs of its mistakes alone teach a blanket "say a larger digit";
+    * with `every_problem`, every other problem too, rejected = its working with a result off by 1 to 3, so that
+      the facts it already knows are held in place while its mistakes are corrected.
 
     The other problems make no pair. Returns the pairs and how many rejected replies are the model's own."""
     answers = [json.loads(line) for line in records.read_text(encoding="utf-8").splitlines()]
@@ -92,6 +95,8 @@ def on_policy_pairs(
     for problem, mistake in zip(problems, own, strict=True):
         reverse = sorted(should_be.get(problem["answer"], set()) - {problem["answer"]})
         rejected = mistake or (with_result(problem, rng.choice(reverse), reply_format) if reverse else None)
+        if rejected is None and every_problem:
+            rejected = shifted(problem, rng, reply_format)
         if rejected:
             chosen = solution(problem, reply_format)
             pairs.append({"instruction": problem["question"], "chosen": chosen, "rejected": rejected})
@@ -115,6 +120,8 @@ def main() -> None:
                         "every problem, rejected = the correct working with a result off by 1-3")  # fmt: skip
     parser.add_argument("--reply-format", choices=sorted(REPLY_FORMATS), default="equation",
                         help="how SFT replies and pairs state the result (see REPLY_FORMATS)")  # fmt: skip
+    every = "with --rejected own: a pair for every training problem (see on_policy_pairs)"
+    parser.add_argument("--every-problem", action="store_true", help=every)
     parser.add_argument("--pairs", type=int, default=1000, help="training problems to make pairs of")
     keep = "keep the base model, SFT adapter and evaluations already in OUTPUT (to tune DPO)"
     parser.add_argument("--reuse", action="store_true", help=keep)
@@ -161,7 +168,7 @@ def main() -> None:
     if args.rejected == "own":
         if stage(f"the SFT model answers {len(pair_problems)} training problems", out / "probe-sft.json"):
             _math_accuracy(base, lora, probe, out / "probe-sft.json")
-        records, own = on_policy_pairs(pair_problems, out / "probe-sft.records.jsonl", rng, fmt)
+        records, own = on_policy_pairs(pair_problems, out / "probe-sft.records.jsonl", rng, fmt, args.every_problem)
     else:
         records = [
             {"instruction": p["question"], "chosen": solution(p, fmt), "rejected": shifted(p, rng, fmt)}
