@@ -23,8 +23,9 @@ import time
 from pathlib import Path
 
 from chatglm_sft.demo.problems import make_problems
-from chatglm_sft.demo.run import MAX_NUMBER, _base_checkpoint, _math_accuracy, _train, _write_jsonl
+from chatglm_sft.demo.run import MAX_NUMBER, _base_checkpoint, _math_accuracy, _write_jsonl
 from chatglm_sft.demo.tokenizer import train_tokenizer
+from chatglm_sft.train.loop import train_with
 
 LORA = {"lora_r": 32, "lora_alpha": 64, "lora_targets": "q_proj,k_proj,v_proj,o_proj,gate_up_proj,down_proj"}
 
@@ -155,11 +156,11 @@ def main() -> None:
         texts = [p["question"] + p["solution"] for p in train_set] + ["[Round 1]\n\n问：出一道应用题\n\n答："]
         train_tokenizer(texts, init)
         _base_checkpoint(init, seed)
-        _train(model=str(init), data=str(corpus), output=str(base), method="full", max_steps=args.base_steps,
-               batch_size=16, learning_rate=3e-3, warmup_steps=10, logging_steps=10, **common)  # fmt: skip
+        train_with(model=init, data=corpus, output=base, method="full", max_steps=args.base_steps,
+                   batch_size=16, learning_rate=3e-3, warmup_steps=10, logging_steps=10, **common)  # fmt: skip
     if stage("LoRA SFT", lora / "adapter_config.json"):
-        _train(model=str(base), data=str(sft), output=str(lora), method="lora", max_steps=args.sft_steps,
-               batch_size=16, learning_rate=4e-3, warmup_steps=20, logging_steps=20, **LORA, **common)  # fmt: skip
+        train_with(model=base, data=sft, output=lora, method="lora", max_steps=args.sft_steps,
+                   batch_size=16, learning_rate=4e-3, warmup_steps=20, logging_steps=20, **LORA, **common)  # fmt: skip
     if stage("evaluating SFT", out / "eval-sft.json"):
         _math_accuracy(base, lora, test, out / "eval-sft.json")
     sft_accuracy = json.loads((out / "eval-sft.json").read_text())["accuracy"]
@@ -176,9 +177,9 @@ def main() -> None:
         ]
     pairs = _write_jsonl(out / "pairs.jsonl", records)
     stage("DPO from the SFT adapter (reference: the SFT model)")
-    _train(model=str(base), data=str(pairs), output=str(dpo), objective="dpo", method="lora", ref_adapter=str(lora),
-           beta=args.beta, rpo_alpha=args.rpo_alpha, max_steps=args.dpo_steps, batch_size=16,
-           learning_rate=args.learning_rate, warmup_steps=10, logging_steps=1, lora_dropout=0.0, **common)  # fmt: skip
+    train_with(model=base, data=pairs, output=dpo, objective="dpo", method="lora", ref_adapter=lora,
+               beta=args.beta, rpo_alpha=args.rpo_alpha, max_steps=args.dpo_steps, batch_size=16, lora_dropout=0.0,
+               learning_rate=args.learning_rate, warmup_steps=10, logging_steps=1, **common)  # fmt: skip
     stage("evaluating DPO")
     dpo_accuracy = _math_accuracy(base, dpo, test, out / "eval-dpo.json")
     log = [json.loads(line) for line in (dpo / "log.jsonl").read_text().splitlines()]

@@ -13,6 +13,7 @@ from chatglm_sft.demo.tokenizer import train_tokenizer
 from chatglm_sft.errors import UserError
 from chatglm_sft.infer.predict import write_jsonl
 from chatglm_sft.models.synthetic import chatglm2_config, random_model, write_thudm_checkpoint
+from chatglm_sft.train.loop import train_with
 
 MAX_NUMBER = 5  # operands 1..5: small enough for a tiny model to learn in a few minutes on a CPU
 
@@ -26,13 +27,6 @@ def _base_checkpoint(folder: Path, seed: int) -> Path:
     """A small ChatGLM2-architecture model with random weights, written in THUDM's layout."""
     config = chatglm2_config(hidden=128, layers=2, ffn=352, head_dim=32, max_positions=256)
     return write_thudm_checkpoint(random_model(config, seed), folder)
-
-
-def _train(**settings) -> Path:
-    from chatglm_sft.train.config import load_config
-    from chatglm_sft.train.loop import train
-
-    return train(load_config(None, settings))
 
 
 def _math_accuracy(model_dir: Path, adapter: Path | None, test: Path, output: Path) -> float:
@@ -91,7 +85,7 @@ def run_demo(output: str | Path = "chatglm-sft-demo", seed: int = 0) -> dict:
 
     step(4, "brief base training: the model learns to write problems (full fine-tune)")
     base = out / "base"
-    _train(
+    train_with(
         model=str(init),
         data=str(corpus),
         output=str(base),
@@ -111,7 +105,7 @@ def run_demo(output: str | Path = "chatglm-sft-demo", seed: int = 0) -> dict:
 
     step(6, "LoRA fine-tune: the model learns to solve them")
     lora = out / "lora"
-    _train(
+    train_with(
         model=str(base),
         data=str(sft),
         output=str(lora),

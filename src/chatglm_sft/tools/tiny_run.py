@@ -25,6 +25,7 @@ from chatglm_sft.families import get_family
 from chatglm_sft.infer.predict import write_jsonl
 from chatglm_sft.models.synthetic import write_tiny_checkpoint
 from chatglm_sft.tools.examples import copy_records, evaluation_records, training_records
+from chatglm_sft.train.loop import train_with
 
 TOKENIZER_OPTIONS = {
     "sentencepiece": {"vocab_size": 3000, "whitespace_pieces": True},
@@ -121,37 +122,33 @@ def tools_metrics(model_dir: Path, adapter: Path | None, data: Path, output: Pat
     return metrics
 
 
-def _train(**settings) -> Path:
-    """``chatglm-sft train ...`` through its library function."""
-    from chatglm_sft.train.config import load_config
-    from chatglm_sft.train.loop import train
-
-    return train(load_config(None, {k: str(v) if isinstance(v, Path) else v for k, v in settings.items()}))
+def _train_tiny(model: Path, data: Path, output: Path, run: TinyToolRun, **method) -> Path:
+    """``chatglm-sft train`` on the tiny model with the settings both trainings share, plus `method`'s."""
+    shared = {"warmup_steps": 10, "precision": "fp32", "seed": run.seed, "logging_steps": 10}
+    return train_with(model=model, data=data, output=output, **shared, **method)
 
 
 def _base(model: Path, data: Path, output: Path, run: TinyToolRun) -> Path:
     """Full fine-tuning of the random model on the tool-less conversations."""
-    return _train(
-        model=model,
-        data=data,
-        output=output,
+    return _train_tiny(
+        model,
+        data,
+        output,
+        run,
         method="full",
         max_steps=run.base_steps,
         batch_size=16,
         learning_rate=run.base_learning_rate,
-        warmup_steps=10,
-        precision="fp32",
-        seed=run.seed,
-        logging_steps=10,
     )
 
 
 def _lora(model: Path, data: Path, output: Path, run: TinyToolRun) -> Path:
     """``chatglm-sft train --method lora ...`` on the tool conversations."""
-    return _train(
-        model=model,
-        data=data,
-        output=output,
+    return _train_tiny(
+        model,
+        data,
+        output,
+        run,
         method="lora",
         lora_r=run.lora_r,
         lora_alpha=2 * run.lora_r,
@@ -160,11 +157,7 @@ def _lora(model: Path, data: Path, output: Path, run: TinyToolRun) -> Path:
         max_steps=run.steps,
         batch_size=run.batch_size,
         learning_rate=run.learning_rate,
-        warmup_steps=10,
         lr_scheduler="linear",
-        precision="fp32",
-        seed=run.seed,
-        logging_steps=10,
     )
 
 

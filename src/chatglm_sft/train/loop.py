@@ -35,7 +35,7 @@ from chatglm_sft.families import detect_family
 from chatglm_sft.models.architectures import architecture_of
 from chatglm_sft.train import checkpoints
 from chatglm_sft.train.batching import epoch_order, pack_batch, pad_batch
-from chatglm_sft.train.config import TrainConfig, to_dict
+from chatglm_sft.train.config import TrainConfig, load_config, to_dict
 from chatglm_sft.train.methods import METHODS, prepare_model, save_result, trainable_only
 from chatglm_sft.train.objectives import OBJECTIVES
 from chatglm_sft.train.parallel import STRATEGY_CLASSES, choose_strategy
@@ -405,3 +405,9 @@ def train(config: TrainConfig) -> Path:
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def train_with(**settings) -> Path:
+    """`chatglm-sft train` as a call: `TrainConfig` fields by name (paths may be `Path`s), checked as the CLI checks
+    them; returns the output folder."""
+    return train(load_config(None, {k: str(v) if isinstance(v, Path) else v for k, v in settings.items()}))
