@@ -28,6 +28,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import torch
+from decode import bandwidth  # benchmarks/decode.py: the same measure of the memory bandwidth
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 TOKENIZER = SHARED / "reference/models/chatglm2-6b"
@@ -39,17 +40,6 @@ PROMPT = (
     "请用三句话介绍一下大语言模型在中文对话中的应用，并举出一个具体的例子说明它的优点和局限。"
     "然后再用一句话总结：在一台只有两个处理器核心的电脑上，怎样才能让它回答得更快？"
 )
-
-
-def bandwidth() -> float:
-    """Bytes per second streaming through 1 GiB (best of 3): what one decode step's weight reads can hope for."""
-    x = torch.ones(256 * 1024 * 1024, dtype=torch.float32)
-    best = float("inf")
-    for _ in range(3):
-        start = time.perf_counter()
-        x.sum()
-        best = min(best, time.perf_counter() - start)
-    return x.numel() * 4 / best
 
 
 def build_checkpoint(folder: Path, layers: int) -> Path:

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 from chatglm_sft.demo.problems import make_problems
-from chatglm_sft.demo.run import MAX_NUMBER, _base_checkpoint, _math_accuracy, _write_jsonl
+from chatglm_sft.demo.run import MAX_NUMBER, base_checkpoint, math_accuracy, write_rows
 from chatglm_sft.demo.tokenizer import train_tokenizer
 from chatglm_sft.train.loop import train_with
 
@@ -139,49 +139,49 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     train_set, test_set = make_problems(3000, seed, MAX_NUMBER), make_problems(200, seed + 1, MAX_NUMBER)
     equations = make_problems(3000, seed + 2, MAX_NUMBER)
-    corpus = _write_jsonl(
+    corpus = write_rows(
         out / "corpus.jsonl",
         [{"instruction": "出一道应用题", "output": p["question"]} for p in train_set]
         + [{"instruction": "写一个算式", "output": e["solution"]} for e in equations],
     )
     replies = noisy_solutions(train_set, args.noisy_facts, args.noise, seed + 3, fmt)
     sft_rows = [{"instruction": p["question"], "output": r} for p, r in zip(train_set, replies, strict=True)]
-    sft = _write_jsonl(out / "sft.jsonl", sft_rows)
-    test = _write_jsonl(out / "test.jsonl", questions(test_set))
+    sft = write_rows(out / "sft.jsonl", sft_rows)
+    test = write_rows(out / "test.jsonl", questions(test_set))
     pair_problems = train_set[: args.pairs]
-    probe = _write_jsonl(out / "probe.jsonl", questions(pair_problems))
+    probe = write_rows(out / "probe.jsonl", questions(pair_problems))
     init, base, lora, dpo = out / "base-init", out / "base", out / "sft", out / "dpo"
     common = {"precision": "fp32", "seed": seed}
     if stage("base training", base / "config.json"):
         texts = [p["question"] + p["solution"] for p in train_set] + ["[Round 1]\n\n问：出一道应用题\n\n答："]
         train_tokenizer(texts, init)
-        _base_checkpoint(init, seed)
+        base_checkpoint(init, seed)
         train_with(model=init, data=corpus, output=base, method="full", max_steps=args.base_steps,
                    batch_size=16, learning_rate=3e-3, warmup_steps=10, logging_steps=10, **common)  # fmt: skip
     if stage("LoRA SFT", lora / "adapter_config.json"):
         train_with(model=base, data=sft, output=lora, method="lora", max_steps=args.sft_steps,
                    batch_size=16, learning_rate=4e-3, warmup_steps=20, logging_steps=20, **LORA, **common)  # fmt: skip
     if stage("evaluating SFT", out / "eval-sft.json"):
-        _math_accuracy(base, lora, test, out / "eval-sft.json")
+        math_accuracy(base, lora, test, out / "eval-sft.json")
     sft_accuracy = json.loads((out / "eval-sft.json").read_text())["accuracy"]
     print(f"SFT accuracy: {sft_accuracy:.3f}", flush=True)
     rng, own = random.Random(seed), 0
     if args.rejected == "own":
         if stage(f"the SFT model answers {len(pair_problems)} training problems", out / "probe-sft.json"):
-            _math_accuracy(base, lora, probe, out / "probe-sft.json")
+            math_accuracy(base, lora, probe, out / "probe-sft.json")
         records, own = on_policy_pairs(pair_problems, out / "probe-sft.records.jsonl", rng, fmt, args.every_problem)
     else:
         records = [
             {"instruction": p["question"], "chosen": solution(p, fmt), "rejected": shifted(p, rng, fmt)}
             for p in pair_problems
         ]
-    pairs = _write_jsonl(out / "pairs.jsonl", records)
+    pairs = write_rows(out / "pairs.jsonl", records)
     stage("DPO from the SFT adapter (reference: the SFT model)")
     train_with(model=base, data=pairs, output=dpo, objective="dpo", method="lora", ref_adapter=lora,
                beta=args.beta, rpo_alpha=args.rpo_alpha, max_steps=args.dpo_steps, batch_size=16, lora_dropout=0.0,
                learning_rate=args.learning_rate, warmup_steps=10, logging_steps=1, **common)  # fmt: skip
     stage("evaluating DPO")
-    dpo_accuracy = _math_accuracy(base, dpo, test, out / "eval-dpo.json")
+    dpo_accuracy = math_accuracy(base, dpo, test, out / "eval-dpo.json")
     log = [json.loads(line) for line in (dpo / "log.jsonl").read_text().splitlines()]
     steps = [e for e in log if "loss" in e]
     summary = {

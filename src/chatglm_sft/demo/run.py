@@ -18,18 +18,21 @@ from chatglm_sft.train.loop import train_with
 MAX_NUMBER = 5  # operands 1..5: small enough for a tiny model to learn in a few minutes on a CPU
 
 
-def _write_jsonl(path: Path, rows: list[dict]) -> Path:
+def write_rows(path: Path, rows: list[dict]) -> Path:
+    """Write `rows` as JSON lines to `path`; returns `path`."""
     write_jsonl(rows, path)
     return path
 
 
-def _base_checkpoint(folder: Path, seed: int) -> Path:
+def base_checkpoint(folder: Path, seed: int) -> Path:
     """A small ChatGLM2-architecture model with random weights, written in THUDM's layout."""
     config = chatglm2_config(hidden=128, layers=2, ffn=352, head_dim=32, max_positions=256)
     return write_thudm_checkpoint(random_model(config, seed), folder)
 
 
-def _math_accuracy(model_dir: Path, adapter: Path | None, test: Path, output: Path) -> float:
+def math_accuracy(model_dir: Path, adapter: Path | None, test: Path, output: Path) -> float:
+    """Accuracy of the greedy answers (with `adapter`) to the problems in `test`, scored as Math23K; details in
+    `output`."""
     import chatglm_sft
     from chatglm_sft.eval import math23k, runner
     from chatglm_sft.infer.engine import Engine
@@ -59,15 +62,13 @@ def run_demo(output: str | Path = "chatglm-sft-demo", seed: int = 0) -> dict:
     train_set, test_set = make_problems(3000, seed, MAX_NUMBER), make_problems(200, seed + 1, MAX_NUMBER)
     # The base model learns the language of the problems and of equations, but never sees a problem solved.
     equations = make_problems(3000, seed + 2, MAX_NUMBER)
-    corpus = _write_jsonl(
+    corpus = write_rows(
         out / "corpus.jsonl",
         [{"instruction": "出一道应用题", "output": p["question"]} for p in train_set]
         + [{"instruction": "写一个算式", "output": e["solution"]} for e in equations],
     )
-    sft = _write_jsonl(
-        out / "train.jsonl", [{"instruction": p["question"], "output": p["solution"]} for p in train_set]
-    )
-    test = _write_jsonl(
+    sft = write_rows(out / "train.jsonl", [{"instruction": p["question"], "output": p["solution"]} for p in train_set])
+    test = write_rows(
         out / "test.jsonl", [{"original_text": p["question"], "ans": str(p["answer"])} for p in test_set]
     )
     print(
@@ -81,7 +82,7 @@ def run_demo(output: str | Path = "chatglm-sft-demo", seed: int = 0) -> dict:
     train_tokenizer(texts, init)
 
     step(3, "creating a small ChatGLM2-architecture model (random weights, THUDM layout)")
-    _base_checkpoint(init, seed)
+    base_checkpoint(init, seed)
 
     step(4, "brief base training: the model learns to write problems (full fine-tune)")
     base = out / "base"
@@ -100,7 +101,7 @@ def run_demo(output: str | Path = "chatglm-sft-demo", seed: int = 0) -> dict:
     )
 
     step(5, "evaluating the base model on the held-out problems")
-    base_accuracy = _math_accuracy(base, None, test, out / "eval-base.json")
+    base_accuracy = math_accuracy(base, None, test, out / "eval-base.json")
     print(f"base accuracy: {base_accuracy:.3f}")
 
     step(6, "LoRA fine-tune: the model learns to solve them")
@@ -123,7 +124,7 @@ def run_demo(output: str | Path = "chatglm-sft-demo", seed: int = 0) -> dict:
     )
 
     step(7, "evaluating the fine-tuned model, a few predictions")
-    tuned_accuracy = _math_accuracy(base, lora, test, out / "eval-lora.json")
+    tuned_accuracy = math_accuracy(base, lora, test, out / "eval-lora.json")
     samples = [json.loads(line) for line in (out / "eval-lora.records.jsonl").read_text().splitlines()[:4]]
     for s in samples:
         print(f"  {s['original_text']}  ->  {s['response']}   ({'right' if s['correct'] else 'wrong'})")
