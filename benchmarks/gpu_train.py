@@ -15,6 +15,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+from gpu_suite import matmul_peak, synchronize  # benchmarks/gpu_suite.py: the same peak and device sync
 from peft import LoraConfig, get_peft_model
 from transformers import GlmConfig, GlmForCausalLM
 
@@ -36,24 +37,6 @@ SHAPES = {
         "intermediate_size": 128,
     },
 }
-
-
-def matmul_peak(device) -> float:
-    n = 8192 if device.type == "cuda" else 1024
-    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-    for _ in range(3):
-        a @ a
-    _sync(device)
-    start, reps = time.perf_counter(), 20 if device.type == "cuda" else 3
-    for _ in range(reps):
-        a @ a
-    _sync(device)
-    return 2 * n**3 * reps / (time.perf_counter() - start)
-
-
-def _sync(device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def run(shape: str, device, batch: int, length: int, steps: int, checkpointing: bool) -> dict:
@@ -88,11 +71,11 @@ def run(shape: str, device, batch: int, length: int, steps: int, checkpointing: 
         optimizer.zero_grad(set_to_none=True)
 
     step()  # warm-up
-    _sync(device)
+    synchronize(device)
     start = time.perf_counter()
     for _ in range(steps):
         step()
-    _sync(device)
+    synchronize(device)
     seconds = (time.perf_counter() - start) / steps
     n_params = sum(p.numel() for p in model.parameters())
     # forward + activation gradients through the frozen base: 2 x 2 * params per token
