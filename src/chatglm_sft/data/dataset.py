@@ -17,6 +17,7 @@ import statistics
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from chatglm_sft.conversation import encode_conversation, render
 from chatglm_sft.data.formats import RecordError, read_records, to_messages
@@ -46,6 +47,32 @@ class DataReport:
     good_count: int = 0
 
 
+def check_each(
+    path: str | Path, validate: Callable[[dict], Any], on_good: Callable[[int, Any], None] | None = None
+) -> DataReport:
+    """Read every record of `path` in one pass and validate it with `validate(data) -> value`, which raises
+    `RecordError` or `UserError` for a bad one (named in the report with its line). Good values are kept in
+    `report.good` as (line, value), or, with `on_good(line, value)`, handed on instead (so a caller that only needs
+    their lengths never holds them all)."""
+    report = DataReport(str(path))
+    for record in read_records(path):
+        report.read += 1
+        if record.error:
+            report.bad.append(BadRecord(str(path), record.line, record.error))
+            continue
+        try:
+            value = validate(record.data)
+        except (RecordError, UserError) as e:
+            report.bad.append(BadRecord(str(path), record.line, str(e), record.data))
+            continue
+        report.good_count += 1
+        if on_good is None:
+            report.good.append((record.line, value))
+        else:
+            on_good(record.line, value)
+    return report
+
+
 def check_records(
     path: str | Path,
     fmt: str = "auto",
@@ -54,29 +81,17 @@ def check_records(
     family: Family | None = None,
     on_good: Callable[[int, list[dict]], None] | None = None,
 ) -> DataReport:
-    """Read and validate every record in one pass; with a family, also check its chat template accepts the
-    conversation. Good records are kept in `report.good`, or, with `on_good(line, messages)`, handed on instead (so a
-    caller that only needs their lengths never holds them all)."""
-    report = DataReport(str(path))
-    for record in read_records(path):
-        report.read += 1
-        if record.error:
-            report.bad.append(BadRecord(str(path), record.line, record.error))
-            continue
-        try:
-            messages = to_messages(record.data, fmt, prompt_field, response_field, need_reply=True)
-            check_ending(messages)
-            if family is not None:
-                render(family, messages, add_generation_prompt=False)
-        except (RecordError, UserError) as e:
-            report.bad.append(BadRecord(str(path), record.line, str(e), record.data))
-            continue
-        report.good_count += 1
-        if on_good is None:
-            report.good.append((record.line, messages))
-        else:
-            on_good(record.line, messages)
-    return report
+    """Read and validate every record (`check_each`: the good ones as (line, messages)); with a family, also check
+    its chat template accepts the conversation."""
+
+    def conversation(data: dict) -> list[dict]:
+        messages = to_messages(data, fmt, prompt_field, response_field, need_reply=True)
+        check_ending(messages)
+        if family is not None:
+            render(family, messages, add_generation_prompt=False)
+        return messages
+
+    return check_each(path, conversation, on_good)
 
 
 @dataclass

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from chatglm_sft.conversation import IGNORE_INDEX, encode_conversation, render
-from chatglm_sft.data.dataset import BadRecord, DataReport
+from chatglm_sft.data.dataset import DataReport, check_each
 from chatglm_sft.data.formats import RecordError, read_records, to_messages
 from chatglm_sft.errors import UserError
 from chatglm_sft.families import Family
@@ -130,28 +130,17 @@ def to_pair(data: object) -> Pair:
 
 
 def check_pairs(path: str | Path, family: Family | None = None) -> DataReport:
-    """Read and validate every pair (`report.good` holds (line, Pair)); with a family, its template must accept both
-    conversations."""
-    report = DataReport(str(path))
-    for record in read_records(path):
-        report.read += 1
-        if record.error:
-            report.bad.append(BadRecord(str(path), record.line, record.error))
-            continue
-        try:
-            pair = to_pair(record.data)
-            if family is not None:
-                for reply in (pair.chosen, pair.rejected):
-                    render(
-                        family, [*pair.prompt, {"role": "assistant", "content": reply}], add_generation_prompt=False
-                    )
-        except (RecordError, UserError) as e:
-            report.bad.append(BadRecord(str(path), record.line, str(e), record.data))
-            continue
-        report.good.append((record.line, pair))
-        if hasattr(report, "good_count"):
-            report.good_count += 1
-    return report
+    """Read and validate every pair (`check_each`: `report.good` holds (line, Pair)); with a family, its template
+    must accept both conversations."""
+
+    def checked_pair(data: dict) -> Pair:
+        pair = to_pair(data)
+        if family is not None:
+            for reply in (pair.chosen, pair.rejected):
+                render(family, [*pair.prompt, {"role": "assistant", "content": reply}], add_generation_prompt=False)
+        return pair
+
+    return check_each(path, checked_pair)
 
 
 def encode_pair(tokenizer, pair: Pair, max_length: int) -> EncodedPair:
