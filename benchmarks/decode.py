@@ -4,10 +4,10 @@ reading the weights once per step.
 A ChatGLM2-architecture model with random weights written in THUDM's layout and loaded with `load_model` (so int8 /
 int4 go through the same quantization as `--quantize`); greedy, a 16-token prompt, `--new-tokens` tokens, no stop.
 Its layers have ChatGLM2/3-6B's shape by default (hidden 4096, FFN 13696, 2 KV groups; 4 of the 28 layers): a
-step's fixed costs (norms, rotary, attention, sampling: ~1 ms a layer here) are then the share of a step they are in
-the real model; at hidden 2048 they are 4.7 times larger against the weights.
-The machine's memory bandwidth is measured here (a large in-memory reduction), so the floor is `bytes read per
-decode step / bandwidth`. A decode step reads every weight except the embedding table, of which it reads a row.
+step's fixed costs (norms, rotary, attention, sampling: ~2 ms a layer here) are then the share of a step they are in
+the real model (~7%); at hidden 2048 they weigh 4.7 times more against the weights. The machine's memory bandwidth
+is measured here (a large in-memory reduction), so the floor is `bytes read per decode step / bandwidth`. A decode
+step reads every weight except the embedding table, of which it reads a row.
 
     python benchmarks/decode.py [--hidden 4096] [--ffn 13696] [--layers 4] [--dtype bf16|fp32|int8|int4]
         [--new-tokens 32] [--rounds 3]
