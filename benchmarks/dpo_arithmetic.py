@@ -23,12 +23,19 @@ import time
 from pathlib import Path
 
 from chatglm_sft.demo.problems import make_problems
-from chatglm_sft.demo.run import MAX_NUMBER, base_checkpoint, math_accuracy, write_rows
+from chatglm_sft.demo.run import (
+    BASE_TRAINING,
+    LORA_SFT,
+    MAX_NUMBER,
+    base_checkpoint,
+    base_corpus,
+    math_accuracy,
+    questions,
+    tokenizer_texts,
+    write_rows,
+)
 from chatglm_sft.demo.tokenizer import train_tokenizer
 from chatglm_sft.train.loop import train_with
-
-LORA = {"lora_r": 32, "lora_alpha": 64, "lora_targets": "q_proj,k_proj,v_proj,o_proj,gate_up_proj,down_proj"}
-
 
 REPLY_FORMATS = {"equation": "{lhs}={value}", "demo": "{lhs}={value}，答：{value}"}
 """How a reply states its result. ``demo`` is the demo's worked answer, which states it twice: a wrong reply then
@@ -64,11 +71,6 @@ def noisy_solutions(problems: list[dict], share: float, rate: float, seed: int, 
         value = p["answer"] + offset if offset and rng.random() < rate else p["answer"]
         replies.append(with_result(p, value, reply_format))
     return replies
-
-
-def questions(problems: list[dict]) -> list[dict]:
-    """Problems in the Math23K evaluation's columns."""
-    return [{"original_text": p["question"], "ans": str(p["answer"])} for p in problems]
 
 
 def on_policy_pairs(
@@ -139,11 +141,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     train_set, test_set = make_problems(3000, seed, MAX_NUMBER), make_problems(200, seed + 1, MAX_NUMBER)
     equations = make_problems(3000, seed + 2, MAX_NUMBER)
-    corpus = write_rows(
-        out / "corpus.jsonl",
-        [{"instruction": "出一道应用题", "output": p["question"]} for p in train_set]
-        + [{"instruction": "写一个算式", "output": e["solution"]} for e in equations],
-    )
+    corpus = write_rows(out / "corpus.jsonl", base_corpus(train_set, equations))
     replies = noisy_solutions(train_set, args.noisy_facts, args.noise, seed + 3, fmt)
     sft_rows = [{"instruction": p["question"], "output": r} for p, r in zip(train_set, replies, strict=True)]
     sft = write_rows(out / "sft.jsonl", sft_rows)
@@ -153,14 +151,11 @@ def main() -> None:
     init, base, lora, dpo = out / "base-init", out / "base", out / "sft", out / "dpo"
     common = {"precision": "fp32", "seed": seed}
     if stage("base training", base / "config.json"):
-        texts = [p["question"] + p["solution"] for p in train_set] + ["[Round 1]\n\n问：出一道应用题\n\n答："]
-        train_tokenizer(texts, init)
+        train_tokenizer(tokenizer_texts(train_set), init)
         base_checkpoint(init, seed)
-        train_with(model=init, data=corpus, output=base, method="full", max_steps=args.base_steps,
-                   batch_size=16, learning_rate=3e-3, warmup_steps=10, logging_steps=10, **common)  # fmt: skip
+        train_with(model=init, data=corpus, output=base, max_steps=args.base_steps, **BASE_TRAINING, **common)
     if stage("LoRA SFT", lora / "adapter_config.json"):
-        train_with(model=base, data=sft, output=lora, method="lora", max_steps=args.sft_steps,
-                   batch_size=16, learning_rate=4e-3, warmup_steps=20, logging_steps=20, **LORA, **common)  # fmt: skip
+        train_with(model=base, data=sft, output=lora, max_steps=args.sft_steps, **LORA_SFT, **common)
     if stage("evaluating SFT", out / "eval-sft.json"):
         math_accuracy(base, lora, test, out / "eval-sft.json")
     sft_accuracy = json.loads((out / "eval-sft.json").read_text())["accuracy"]

@@ -16,12 +16,42 @@ from chatglm_sft.models.synthetic import chatglm2_config, random_model, write_th
 from chatglm_sft.train.loop import train_with
 
 MAX_NUMBER = 5  # operands 1..5: small enough for a tiny model to learn in a few minutes on a CPU
+BASE_TRAINING = {"method": "full", "batch_size": 16, "learning_rate": 3e-3, "warmup_steps": 10, "logging_steps": 10}
+"""Settings of the brief base training (a full fine-tune of the random model on text)."""
+LORA_SFT = {
+    "method": "lora",
+    "lora_r": 32,
+    "lora_alpha": 64,
+    "lora_targets": "q_proj,k_proj,v_proj,o_proj,gate_up_proj,down_proj",
+    "batch_size": 16,
+    "learning_rate": 4e-3,
+    "warmup_steps": 20,
+    "logging_steps": 20,
+}
+"""Settings of the LoRA fine-tune that teaches the base model to solve the problems."""
 
 
 def write_rows(path: Path, rows: list[dict]) -> Path:
     """Write `rows` as JSON lines to `path`; returns `path`."""
     write_jsonl(rows, path)
     return path
+
+
+def base_corpus(train_set: list[dict], equations: list[dict]) -> list[dict]:
+    """The base model's text: the problems and equations written out, never a problem solved."""
+    return [{"instruction": "出一道应用题", "output": p["question"]} for p in train_set] + [
+        {"instruction": "写一个算式", "output": e["solution"]} for e in equations
+    ]
+
+
+def tokenizer_texts(train_set: list[dict]) -> list[str]:
+    """What the demo's tokenizer is trained on: the problems with their workings, and the chat prompt's words."""
+    return [p["question"] + p["solution"] for p in train_set] + ["[Round 1]\n\n问：出一道应用题\n\n答："]
+
+
+def questions(problems: list[dict]) -> list[dict]:
+    """Held-out rows in Math23K's fields, for `math_accuracy`."""
+    return [{"original_text": p["question"], "ans": str(p["answer"])} for p in problems]
 
 
 def base_checkpoint(folder: Path, seed: int) -> Path:
@@ -62,15 +92,9 @@ def run_demo(output: str | Path = "chatglm-sft-demo", seed: int = 0) -> dict:
     train_set, test_set = make_problems(3000, seed, MAX_NUMBER), make_problems(200, seed + 1, MAX_NUMBER)
     # The base model learns the language of the problems and of equations, but never sees a problem solved.
     equations = make_problems(3000, seed + 2, MAX_NUMBER)
-    corpus = write_rows(
-        out / "corpus.jsonl",
-        [{"instruction": "出一道应用题", "output": p["question"]} for p in train_set]
-        + [{"instruction": "写一个算式", "output": e["solution"]} for e in equations],
-    )
+    corpus = write_rows(out / "corpus.jsonl", base_corpus(train_set, equations))
     sft = write_rows(out / "train.jsonl", [{"instruction": p["question"], "output": p["solution"]} for p in train_set])
-    test = write_rows(
-        out / "test.jsonl", [{"original_text": p["question"], "ans": str(p["answer"])} for p in test_set]
-    )
+    test = write_rows(out / "test.jsonl", questions(test_set))
     print(
         f"train {len(train_set)}, held-out test {len(test_set)}; e.g. {train_set[0]['question']} -> "
         f"{train_set[0]['solution']}"
@@ -78,27 +102,14 @@ def run_demo(output: str | Path = "chatglm-sft-demo", seed: int = 0) -> dict:
 
     step(2, "training a SentencePiece tokenizer laid out like ChatGLM2's")
     init = out / "base-init"
-    texts = [p["question"] + p["solution"] for p in train_set] + ["[Round 1]\n\n问：出一道应用题\n\n答："]
-    train_tokenizer(texts, init)
+    train_tokenizer(tokenizer_texts(train_set), init)
 
     step(3, "creating a small ChatGLM2-architecture model (random weights, THUDM layout)")
     base_checkpoint(init, seed)
 
     step(4, "brief base training: the model learns to write problems (full fine-tune)")
     base = out / "base"
-    train_with(
-        model=str(init),
-        data=str(corpus),
-        output=str(base),
-        method="full",
-        max_steps=150,
-        batch_size=16,
-        learning_rate=3e-3,
-        warmup_steps=10,
-        precision="fp32",
-        seed=seed,
-        logging_steps=10,
-    )
+    train_with(model=init, data=corpus, output=base, max_steps=150, precision="fp32", seed=seed, **BASE_TRAINING)
 
     step(5, "evaluating the base model on the held-out problems")
     base_accuracy = math_accuracy(base, None, test, out / "eval-base.json")
@@ -106,22 +117,7 @@ def run_demo(output: str | Path = "chatglm-sft-demo", seed: int = 0) -> dict:
 
     step(6, "LoRA fine-tune: the model learns to solve them")
     lora = out / "lora"
-    train_with(
-        model=str(base),
-        data=str(sft),
-        output=str(lora),
-        method="lora",
-        lora_r=32,
-        lora_alpha=64,
-        lora_targets="q_proj,k_proj,v_proj,o_proj,gate_up_proj,down_proj",
-        max_steps=600,
-        batch_size=16,
-        learning_rate=4e-3,
-        warmup_steps=20,
-        precision="fp32",
-        seed=seed,
-        logging_steps=20,
-    )
+    train_with(model=base, data=sft, output=lora, max_steps=600, precision="fp32", seed=seed, **LORA_SFT)
 
     step(7, "evaluating the fine-tuned model, a few predictions")
     tuned_accuracy = math_accuracy(base, lora, test, out / "eval-lora.json")
