@@ -32,9 +32,9 @@ from chatglm_sft.demo.run import (
     math_accuracy,
     questions,
     tokenizer_texts,
-    write_rows,
 )
 from chatglm_sft.demo.tokenizer import train_tokenizer
+from chatglm_sft.infer.predict import write_jsonl
 from chatglm_sft.train.loop import train_with
 
 REPLY_FORMATS = {"equation": "{lhs}={value}", "demo": "{lhs}={value}，答：{value}"}
@@ -141,13 +141,13 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     train_set, test_set = make_problems(3000, seed, MAX_NUMBER), make_problems(200, seed + 1, MAX_NUMBER)
     equations = make_problems(3000, seed + 2, MAX_NUMBER)
-    corpus = write_rows(out / "corpus.jsonl", base_corpus(train_set, equations))
+    corpus = write_jsonl(base_corpus(train_set, equations), out / "corpus.jsonl")
     replies = noisy_solutions(train_set, args.noisy_facts, args.noise, seed + 3, fmt)
     sft_rows = [{"instruction": p["question"], "output": r} for p, r in zip(train_set, replies, strict=True)]
-    sft = write_rows(out / "sft.jsonl", sft_rows)
-    test = write_rows(out / "test.jsonl", questions(test_set))
+    sft = write_jsonl(sft_rows, out / "sft.jsonl")
+    test = write_jsonl(questions(test_set), out / "test.jsonl")
     pair_problems = train_set[: args.pairs]
-    probe = write_rows(out / "probe.jsonl", questions(pair_problems))
+    probe = write_jsonl(questions(pair_problems), out / "probe.jsonl")
     init, base, lora, dpo = out / "base-init", out / "base", out / "sft", out / "dpo"
     common = {"precision": "fp32", "seed": seed}
     if stage("base training", base / "config.json"):
@@ -170,7 +170,7 @@ def main() -> None:
             {"instruction": p["question"], "chosen": solution(p, fmt), "rejected": shifted(p, rng, fmt)}
             for p in pair_problems
         ]
-    pairs = write_rows(out / "pairs.jsonl", records)
+    pairs = write_jsonl(records, out / "pairs.jsonl")
     stage("DPO from the SFT adapter (reference: the SFT model)")
     train_with(model=base, data=pairs, output=dpo, objective="dpo", method="lora", ref_adapter=lora,
                beta=args.beta, rpo_alpha=args.rpo_alpha, max_steps=args.dpo_steps, batch_size=16, lora_dropout=0.0,

@@ -44,6 +44,19 @@ def cli(*args: str, **kw) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "chatglm_sft", *args], capture_output=True, text=True, **kw)
 
 
+def train_in_processes(processes: int, *args: str) -> subprocess.CompletedProcess:
+    """`chatglm-sft train ARGS` in one process, or under torchrun in `processes` (as users launch a sharded run);
+    a failed run fails the calling test with the launcher's error lines first."""
+    launcher = [sys.executable]
+    if processes > 1:
+        launcher += ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(processes)]
+    result = subprocess.run([*launcher, "-m", "chatglm_sft", "train", *args], capture_output=True, text=True)
+    if result.returncode != 0:
+        noteworthy = [line for line in result.stderr.splitlines() if "rror" in line or "terminate" in line]
+        pytest.fail("\n".join([*noteworthy[:40], result.stderr[-3000:]]))
+    return result
+
+
 def need_shared(path: Path) -> Path:
     """Skip the calling test when the reference material is missing (a user's fresh clone has no ../shared)."""
     if not path.exists():

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,6 +12,7 @@ import torch
 
 import chatglm_sft
 from chatglm_sft.train.preference import METRICS
+from tests.conftest import train_in_processes
 from tests.preference.pairs_data import arithmetic_pairs, write_pairs
 
 CONFIGS = Path(__file__).parents[2] / "configs"
@@ -27,19 +26,13 @@ def inputs(tiny_checkpoint, tmp_path_factory) -> dict[str, Path]:
 
 
 def train(inputs: dict, output: Path, processes: int, *extra: str) -> Path:
-    launcher = [sys.executable]
-    if processes > 1:
-        launcher += ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(processes)]
-    args = [
-        *("-m", "chatglm_sft", "train", "--model", str(inputs["model"]), "--data", str(inputs["data"])),
-        *("--output", str(output), "--objective", "dpo", "--method", "lora", "--batch-size", str(4 // processes)),
+    train_in_processes(
+        processes,
+        *("--model", str(inputs["model"]), "--data", str(inputs["data"]), "--output", str(output)),
+        *("--objective", "dpo", "--method", "lora", "--batch-size", str(4 // processes)),
         *("--max-steps", "2", "--learning-rate", "2e-3", "--precision", "fp32", "--group-by-length", "false"),
         *extra,
-    ]
-    result = subprocess.run([*launcher, *args], capture_output=True, text=True)
-    if result.returncode != 0:
-        noteworthy = [line for line in result.stderr.splitlines() if "rror" in line or "terminate" in line]
-        pytest.fail("\n".join([*noteworthy[:40], result.stderr[-3000:]]))
+    )
     return output
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,6 +16,7 @@ import chatglm_sft
 from chatglm_sft.errors import UserError
 from chatglm_sft.train.config import load_config
 from chatglm_sft.train.parallel import choose_strategy, deepspeed_config
+from tests.conftest import train_in_processes
 
 CONFIGS = Path(__file__).parents[2] / "configs"
 # Enough steps for AdamW to move every weight, few enough for float rounding to stay far below the tolerance.
@@ -31,20 +31,13 @@ def inputs(tiny_checkpoint, tiny_alpaca):
 
 
 def train(output: Path, processes: int, *extra: str) -> subprocess.CompletedProcess:
-    launcher = [sys.executable]
-    if processes > 1:
-        launcher += ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(processes)]
     batch = str(4 // processes)  # the same 4 examples per step however many processes share them
-    args = [
-        *("-m", "chatglm_sft", "train", "--model", str(INPUTS["model"]), "--data", str(INPUTS["data"])),
-        *("--output", str(output), "--max-samples", "24", "--batch-size", batch, "--precision", "fp32"),
+    return train_in_processes(
+        processes,
+        *("--model", str(INPUTS["model"]), "--data", str(INPUTS["data"]), "--output", str(output)),
+        *("--max-samples", "24", "--batch-size", batch, "--precision", "fp32"),
         *("--lora-dropout", "0", "--group-by-length", "false", *STEPS, *extra),
-    ]
-    result = subprocess.run([*launcher, *args], capture_output=True, text=True)
-    if result.returncode != 0:
-        noteworthy = [line for line in result.stderr.splitlines() if "rror" in line or "terminate" in line]
-        pytest.fail("\n".join([*noteworthy[:40], result.stderr[-3000:]]))
-    return result
+    )
 
 
 def result_tensors(output: Path) -> dict[str, torch.Tensor]:

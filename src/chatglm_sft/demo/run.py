@@ -31,12 +31,6 @@ LORA_SFT = {
 """Settings of the LoRA fine-tune that teaches the base model to solve the problems."""
 
 
-def write_rows(path: Path, rows: list[dict]) -> Path:
-    """Write `rows` as JSON lines to `path`; returns `path`."""
-    write_jsonl(rows, path)
-    return path
-
-
 def base_corpus(train_set: list[dict], equations: list[dict]) -> list[dict]:
     """The base model's text: the problems and equations written out, never a problem solved."""
     return [{"instruction": "出一道应用题", "output": p["question"]} for p in train_set] + [
@@ -92,9 +86,10 @@ def run_demo(output: str | Path = "chatglm-sft-demo", seed: int = 0) -> dict:
     train_set, test_set = make_problems(3000, seed, MAX_NUMBER), make_problems(200, seed + 1, MAX_NUMBER)
     # The base model learns the language of the problems and of equations, but never sees a problem solved.
     equations = make_problems(3000, seed + 2, MAX_NUMBER)
-    corpus = write_rows(out / "corpus.jsonl", base_corpus(train_set, equations))
-    sft = write_rows(out / "train.jsonl", [{"instruction": p["question"], "output": p["solution"]} for p in train_set])
-    test = write_rows(out / "test.jsonl", questions(test_set))
+    corpus = write_jsonl(base_corpus(train_set, equations), out / "corpus.jsonl")
+    solved = [{"instruction": p["question"], "output": p["solution"]} for p in train_set]
+    sft = write_jsonl(solved, out / "train.jsonl")
+    test = write_jsonl(questions(test_set), out / "test.jsonl")
     print(
         f"train {len(train_set)}, held-out test {len(test_set)}; e.g. {train_set[0]['question']} -> "
         f"{train_set[0]['solution']}"

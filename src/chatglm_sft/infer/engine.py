@@ -65,6 +65,29 @@ class Engine:
         ids, mask = left_pad_ids(prompts, self.family.pad_id)  # the same left padding as training
         return ids.to(self.device), mask.to(self.device)
 
+    def next_logits(
+        self,
+        ids: torch.Tensor,
+        mask: torch.Tensor,
+        positions: torch.Tensor,
+        cache: DynamicCache,
+        adapters: list[str | None] | None = None,
+    ) -> torch.Tensor:
+        """[B, V] logits of the token after each row; the model reads `ids` (the rows' new tokens) after what
+        `cache` holds and extends it. `adapters` names each row's LoRA adapter (None: the base model) on a PEFT
+        model that holds several; None: the model as it is."""
+        extra = {"adapter_names": ["__base__" if a is None else a for a in adapters]} if adapters else {}
+        out = self.model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=positions,
+            cache=cache,
+            use_cache=True,
+            logits_to_keep=1,
+            **extra,
+        )
+        return out.logits[:, -1]
+
     @torch.inference_mode()
     def decode_steps(
         self,
@@ -94,20 +117,11 @@ class Engine:
             inputs, positions = ids[:, keep:], positions[..., keep:]
         rows = params if isinstance(params, list) else [params] * len(prompts)
         pick = _row_sampler(rows, self.device)
-        extra = {"adapter_names": ["__base__" if a is None else a for a in adapters]} if adapters else {}
         for _ in range(max(p.max_new_tokens for p in rows)):
-            out = self.model(
-                input_ids=inputs,
-                attention_mask=mask,
-                position_ids=positions,
-                cache=cache,
-                use_cache=True,
-                logits_to_keep=1,
-                **extra,
-            )
+            logits = self.next_logits(inputs, mask, positions, cache, adapters)
             if reuse is not None:
                 reuse.cache, reuse.ids = cache, list(fed)
-            token = pick(out.logits[:, -1], seen)
+            token = pick(logits, seen)
             yield token
             inputs = token[:, None]
             fed.append(int(token[0]))

@@ -78,7 +78,8 @@ def predict(
     return outputs, PredictSummary(len(records), sum(map(len, prompts)), generated, seconds)
 
 
-def write_jsonl(rows: list[dict], path: str | Path) -> None:
+def write_jsonl(rows: list[dict], path: str | Path) -> Path:
+    """Write `rows` as JSON lines to `path` (whole or not at all: through a temporary file); returns the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
@@ -86,3 +87,4 @@ def write_jsonl(rows: list[dict], path: str | Path) -> None:
         for row in rows:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
     tmp.replace(path)
+    return path

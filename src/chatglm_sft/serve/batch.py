@@ -123,19 +123,7 @@ class BatchRunner:
         return torch.cat([states[:, :, : self.head], zeros, states[:, :, self.head :]], dim=2)
 
     def _forward(self, ids, mask, positions, cache, adapters: list[str | None]) -> torch.Tensor:
-        extra = {}
-        if self.adapter_names:
-            extra["adapter_names"] = ["__base__" if a is None else a for a in adapters]
-        out = self.model(
-            input_ids=ids,
-            attention_mask=mask,
-            position_ids=positions,
-            cache=cache,
-            use_cache=True,
-            logits_to_keep=1,
-            **extra,
-        )
-        return out.logits[:, -1]
+        return self.engine.next_logits(ids, mask, positions, cache, adapters if self.adapter_names else None)
 
 
 def _pad_left(mask: torch.Tensor, width: int) -> torch.Tensor:

@@ -36,6 +36,7 @@ from chatglm_sft.models.architectures import architecture_of
 from chatglm_sft.train import checkpoints
 from chatglm_sft.train.batching import epoch_order, pack_batch, pad_batch
 from chatglm_sft.train.config import TrainConfig, load_config, to_dict
+from chatglm_sft.train.cpu_memory import keep_freed_memory
 from chatglm_sft.train.methods import METHODS, prepare_model, save_result, trainable_only
 from chatglm_sft.train.objectives import OBJECTIVES
 from chatglm_sft.train.parallel import STRATEGY_CLASSES, choose_strategy
@@ -182,6 +183,8 @@ class Trainer:
         self.d, strategy = setup_distributed(config)
         self.out = Path(config.output)
         METHODS[config.method].check_device(self.d.device)
+        if self.d.device.type == "cpu" and config.reuse_cpu_memory:
+            keep_freed_memory()
         if self.d.main:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "train_config.yaml").write_text(yaml.safe_dump(to_dict(config), allow_unicode=True))
@@ -221,31 +224,41 @@ class Trainer:
 
     # --- data of a step ------------------------------------------------------------------------------------------
 
+    def example_length(self, example) -> int:
+        """What `group_by_length` sorts by: an example's length in tokens."""
+        ids, _ = example
+        return len(ids)
+
     def _order(self, epoch: int) -> list[int]:
         if epoch not in self._orders:
-            lengths = [len(x) for x, _ in self.train_set]
-            self._orders = {
-                epoch: epoch_order(
-                    lengths, self.config.batch_size, self.config.seed, epoch, self.config.group_by_length
-                )
-            }
+            lengths = [self.example_length(e) for e in self.train_set]
+            c = self.config
+            self._orders = {epoch: epoch_order(lengths, c.batch_size, c.seed, epoch, c.group_by_length)}
         return self._orders[epoch]
 
-    def step_examples(self, step: int) -> tuple[list[tuple[list[tuple], float]], int]:
-        """This process's micro-batches for `step` with their loss weights, and the answer-token count of the whole
-        step (all processes). Every process gets the same number of micro-batches (FSDP and ZeRO-3 need equal
-        forward passes); one whose share of a short last micro-batch is empty runs an example at weight 0."""
-        c, d = self.config, self.d
+    def step_indices(self, step: int) -> list[int]:
+        """The training examples of optimizer step `step`, on all processes together."""
+        c = self.config
         epoch, within = divmod(step, self.steps_per_epoch)
-        per_step = c.batch_size * c.gradient_accumulation_steps * d.world
-        indices = self._order(epoch)[within * per_step : (within + 1) * per_step]
-        tokens = sum(answer_tokens(self.train_set[i][1]) for i in indices)
-        per_micro = c.batch_size * d.world
+        per_step = c.batch_size * c.gradient_accumulation_steps * self.d.world
+        return self._order(epoch)[within * per_step : (within + 1) * per_step]
+
+    def micro_batches(self, indices: list[int]) -> list[tuple[list, float]]:
+        """This process's micro-batches of a step's examples with their loss weights. Every process gets the same
+        number of micro-batches (FSDP and ZeRO-3 need equal forward passes); one whose share of a short last
+        micro-batch is empty runs an example at weight 0."""
+        per_micro = self.config.batch_size * self.d.world
         micro = []
         for start in range(0, len(indices), per_micro):
             mine, weight = self._share(indices[start : start + per_micro])
             micro.append(([self.train_set[i] for i in mine], weight))
-        return micro, tokens
+        return micro
+
+    def step_examples(self, step: int) -> tuple[list[tuple[list[tuple], float]], int]:
+        """This process's micro-batches for `step` with their loss weights, and the answer-token count of the whole
+        step (all processes)."""
+        indices = self.step_indices(step)
+        return self.micro_batches(indices), sum(answer_tokens(self.train_set[i][1]) for i in indices)
 
     def _share(self, chunk: list) -> tuple[list, float]:
         """This process's contiguous part of `chunk` (parts differ in size by at most one), weight 1; or, when it

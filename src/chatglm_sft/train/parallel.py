@@ -78,7 +78,12 @@ class Strategy:
         return model
 
     def make_optimizer(self) -> torch.optim.Optimizer:
-        return torch.optim.AdamW(self.params, lr=self.config.learning_rate, weight_decay=self.config.weight_decay)
+        # On a CPU, AdamW's default is its per-tensor loop: a dozen passes over every parameter and its moments. The
+        # fused kernel makes one (GLM-4's two 151,552-row matrices at width 32: 119 ms a step against 20 ms).
+        fused = True if self.device.type == "cpu" else None
+        return torch.optim.AdamW(
+            self.params, lr=self.config.learning_rate, weight_decay=self.config.weight_decay, fused=fused
+        )
 
     def accumulating(self):
         """Context for the backward passes of a step's micro-batches before the last (gradients stay local)."""

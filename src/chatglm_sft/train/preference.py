@@ -29,7 +29,7 @@ from chatglm_sft.conversation import IGNORE_INDEX
 from chatglm_sft.data.dataset import cache_key, write_rejected
 from chatglm_sft.data.pairs import EncodedPair, check_pairs, encode_pair
 from chatglm_sft.errors import UserError
-from chatglm_sft.train.batching import epoch_order, pad_batch
+from chatglm_sft.train.batching import pad_batch
 from chatglm_sft.train.loop import Trainer, _say, cached_by_rank0
 from chatglm_sft.train.methods import METHODS
 from chatglm_sft.train.objectives import OBJECTIVES, PairLogps, PreferenceSettings
@@ -188,27 +188,15 @@ class PreferenceTrainer(Trainer):
         _say(d, f"{len(examples)} pairs ({n_eval} held out), objective {c.objective}")
         return [examples[i] for i in sorted(order[n_eval:])], [examples[i] for i in sorted(order[:n_eval])]
 
-    def _order(self, epoch: int) -> list[int]:
-        if epoch not in self._orders:
-            lengths = [e.pair.length for e in self.train_set]
-            c = self.config
-            self._orders = {epoch: epoch_order(lengths, c.batch_size, c.seed, epoch, c.group_by_length)}
-        return self._orders[epoch]
+    def example_length(self, example) -> int:
+        return example.pair.length
 
     def step_examples(self, step: int):
         """This process's micro-batches of `step` with their weights, and the whole step's pair and chosen reply
         token counts (all processes)."""
-        c, d = self.config, self.d
-        epoch, within = divmod(step, self.steps_per_epoch)
-        per_step = c.batch_size * c.gradient_accumulation_steps * d.world
-        indices = self._order(epoch)[within * per_step : (within + 1) * per_step]
+        indices = self.step_indices(step)
         chosen_tokens = sum(_reply_tokens(self.train_set[i].pair.chosen_labels) for i in indices)
-        per_micro = c.batch_size * d.world
-        micro = []
-        for start in range(0, len(indices), per_micro):
-            mine, weight = self._share(indices[start : start + per_micro])
-            micro.append(([self.train_set[i] for i in mine], weight))
-        return micro, (len(indices), chosen_tokens)
+        return self.micro_batches(indices), (len(indices), chosen_tokens)
 
     # --- the reference --------------------------------------------------------------------------------------------
 
