@@ -8,8 +8,8 @@ model answers 1,000 training problems greedily; chosen = the correct worked answ
 Math23K scorer) before and after. Results and the runs around them: docs/preference.md.
 
     python benchmarks/dpo_arithmetic.py OUTPUT_DIR [--sft-steps 400] [--dpo-steps 40] [--learning-rate 2e-4]
-        [--beta 0.1] [--rpo-alpha 0] [--rejected own|shifted] [--every-problem] [--reply-format equation|demo]
-        [--noisy-facts 0.3] [--noise 0.6] [--reuse]
+        [--beta 0.1] [--rpo-alpha 0] [--label-smoothing 0] [--rejected own|shifted] [--every-problem]
+        [--reply-format equation|demo] [--noisy-facts 0.3] [--noise 0.6] [--reuse]
 
 `--rpo-alpha 1 --beta 1e-5` is the control: the NLL of the chosen replies with the preference term made negligible.
 """
@@ -116,6 +116,7 @@ def main() -> None:
     parser.add_argument("--beta", type=float, default=0.1)
     parser.add_argument("--learning-rate", type=float, default=2e-4)
     parser.add_argument("--rpo-alpha", type=float, default=0.0, help="weight of the chosen reply's NLL (0: plain DPO)")
+    parser.add_argument("--label-smoothing", type=float, default=0.0, help="DPO's label smoothing (cDPO)")
     parser.add_argument("--noisy-facts", type=float, default=0.3, help="share of the facts with wrong SFT replies")
     parser.add_argument("--noise", type=float, default=0.6, help="how often such a fact's SFT reply is wrong")
     parser.add_argument("--rejected", choices=["own", "shifted"], default="own",
@@ -173,7 +174,8 @@ def main() -> None:
     pairs = write_jsonl(records, out / "pairs.jsonl")
     stage("DPO from the SFT adapter (reference: the SFT model)")
     train_with(model=base, data=pairs, output=dpo, objective="dpo", method="lora", ref_adapter=lora,
-               beta=args.beta, rpo_alpha=args.rpo_alpha, max_steps=args.dpo_steps, batch_size=16, lora_dropout=0.0,
+               beta=args.beta, rpo_alpha=args.rpo_alpha, label_smoothing=args.label_smoothing,
+               max_steps=args.dpo_steps, batch_size=16, lora_dropout=0.0,
                learning_rate=args.learning_rate, warmup_steps=10, logging_steps=1, **common)  # fmt: skip
     stage("evaluating DPO")
     dpo_accuracy = math_accuracy(base, dpo, test, out / "eval-dpo.json")

@@ -65,6 +65,7 @@ class Engine:
         ids, mask = left_pad_ids(prompts, self.family.pad_id)  # the same left padding as training
         return ids.to(self.device), mask.to(self.device)
 
+    @torch.inference_mode()
     def next_logits(
         self,
         ids: torch.Tensor,
