@@ -35,6 +35,11 @@ def trainer(model, data, output, **extra) -> Trainer:
     return Trainer(load_config(None, settings(model, data, output, **extra)))
 
 
+def run(model, data, output, **extra) -> Path:
+    """`chatglm-sft train` with this module's `settings` and `extra`, as a call; returns the output folder."""
+    return train(load_config(None, settings(model, data, output, **extra)))
+
+
 def gradients(t: Trainer) -> dict[str, torch.Tensor]:
     return {n: p.grad.clone() for n, p in t.model.named_parameters() if p.requires_grad and p.grad is not None}
 
@@ -110,20 +115,15 @@ def test_packing_gives_the_same_training_loss_and_gradients(tmp_path, tiny_check
 @pytest.mark.parametrize("scheduler", ["cosine", "linear", "constant"])
 def test_learning_rate_schedule_at_warmup_end_and_at_the_end(tmp_path, tiny_checkpoint, tiny_alpaca, scheduler):
     peak, warmup, total = 1e-3, 3, 8
-    out = train(
-        load_config(
-            None,
-            settings(
-                tiny_checkpoint("chatglm2-6b"),
-                tiny_alpaca,
-                tmp_path / "o",
-                batch_size=2,
-                max_steps=total,
-                learning_rate=peak,
-                warmup_steps=warmup,
-                lr_scheduler=scheduler,
-            ),
-        )
+    out = run(
+        tiny_checkpoint("chatglm2-6b"),
+        tiny_alpaca,
+        tmp_path / "o",
+        batch_size=2,
+        max_steps=total,
+        learning_rate=peak,
+        warmup_steps=warmup,
+        lr_scheduler=scheduler,
     )
     rates = [e["learning_rate"] for e in log_of(out)]
     assert len(rates) == total
@@ -144,21 +144,16 @@ def test_learning_rate_schedule_at_warmup_end_and_at_the_end(tmp_path, tiny_chec
 
 @pytest.mark.slow
 def test_eval_split_and_eval_steps(tmp_path, tiny_checkpoint, tiny_alpaca):
-    out = train(
-        load_config(
-            None,
-            settings(
-                tiny_checkpoint("chatglm2-6b"),
-                tiny_alpaca,
-                tmp_path / "o",
-                batch_size=4,
-                max_steps=5,
-                eval_split=0.25,
-                eval_steps=2,
-                learning_rate=1e-3,
-                method="full",
-            ),
-        )
+    out = run(
+        tiny_checkpoint("chatglm2-6b"),
+        tiny_alpaca,
+        tmp_path / "o",
+        batch_size=4,
+        max_steps=5,
+        eval_split=0.25,
+        eval_steps=2,
+        learning_rate=1e-3,
+        method="full",
     )
     log = log_of(out)
     evals = [e for e in log if "eval_loss" in e]
@@ -169,28 +164,19 @@ def test_eval_split_and_eval_steps(tmp_path, tiny_checkpoint, tiny_alpaca):
     assert (len(t.train_set), len(t.eval_set)) == (30, 10)
     held_out = {tuple(x) for x, _ in t.eval_set}
     assert not held_out & {tuple(x) for x, _ in t.train_set}  # held-out records are never trained on
-    only_end = train(
-        load_config(
-            None, settings(tiny_checkpoint("chatglm2-6b"), tiny_alpaca, tmp_path / "e", max_steps=3, eval_split=0.25)
-        )
-    )
+    only_end = run(tiny_checkpoint("chatglm2-6b"), tiny_alpaca, tmp_path / "e", max_steps=3, eval_split=0.25)
     assert [e["step"] for e in log_of(only_end) if "eval_loss" in e] == [3]
 
 
 def test_save_total_limit_keeps_the_newest_checkpoints(tmp_path, tiny_checkpoint, tiny_alpaca):
-    out = train(
-        load_config(
-            None,
-            settings(
-                tiny_checkpoint("chatglm2-6b"),
-                tiny_alpaca,
-                tmp_path / "o",
-                batch_size=2,
-                max_steps=5,
-                save_steps=1,
-                save_total_limit=2,
-            ),
-        )
+    out = run(
+        tiny_checkpoint("chatglm2-6b"),
+        tiny_alpaca,
+        tmp_path / "o",
+        batch_size=2,
+        max_steps=5,
+        save_steps=1,
+        save_total_limit=2,
     )
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-4"]
     assert (out / "adapter_model.safetensors").exists()
