@@ -20,6 +20,7 @@ import argparse
 import json
 import random
 import time
+from collections import Counter
 from pathlib import Path
 
 from chatglm_sft.demo.problems import make_problems
@@ -35,6 +36,7 @@ from chatglm_sft.demo.run import (
 )
 from chatglm_sft.demo.tokenizer import train_tokenizer
 from chatglm_sft.infer.predict import write_jsonl
+from chatglm_sft.infer.sampling import SamplingParams
 from chatglm_sft.train.loop import train_with
 
 REPLY_FORMATS = {"equation": "{lhs}={value}", "demo": "{lhs}={value}，答：{value}"}
@@ -106,6 +108,34 @@ def on_policy_pairs(
     return pairs, sum(m is not None for m in own)
 
 
+def is_confusion(problem: dict, reply: str, reply_format: str) -> bool:
+    """Whether `reply` is the problem's working with a wrong integer result."""
+    value = reply.rpartition("=")[2]
+    if not value.lstrip("-").isdigit() or int(value) == problem["answer"]:
+        return False
+    return reply == with_result(problem, int(value), reply_format)
+
+
+def sampled_pairs(problems: list[dict], rounds: list[Path], reply_format: str) -> tuple[list[dict], int]:
+    """Pairs from replies the SFT model samples (on-policy, as iterative RPO makes them): for every problem where
+    some of its replies in `rounds` (per-record results of `math_accuracy`) give the right working with a wrong
+    result, chosen = the correct working and rejected = the most frequent of those (malformed samples are left out:
+    they are easy to tell apart and say nothing about the arithmetic). Sampling finds the confusions the model
+    holds beside a right greedy answer too (3-2=2 where it says 3-2=1), so a pair holds those facts in place instead
+    of only mending the ones it gets wrong. Returns the pairs and how many problems had a wrong greedy or sampled
+    reply."""
+    answers = [[json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()] for path in rounds]
+    pairs = []
+    for i, problem in enumerate(problems):
+        replies = [round_[i]["response"].strip() for round_ in answers if not round_[i]["correct"]]
+        wrong = [reply for reply in replies if is_confusion(problem, reply, reply_format)]
+        if wrong:
+            rejected = Counter(wrong).most_common(1)[0][0]
+            pairs.append({"instruction": problem["question"], "chosen": solution(problem, reply_format),
+                          "rejected": rejected})  # fmt: skip
+    return pairs, len(pairs)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("output")
@@ -119,9 +149,11 @@ def main() -> None:
     parser.add_argument("--label-smoothing", type=float, default=0.0, help="DPO's label smoothing (cDPO)")
     parser.add_argument("--noisy-facts", type=float, default=0.3, help="share of the facts with wrong SFT replies")
     parser.add_argument("--noise", type=float, default=0.6, help="how often such a fact's SFT reply is wrong")
-    parser.add_argument("--rejected", choices=["own", "shifted"], default="own",
-                        help="own: on-policy pairs from the SFT model's mistakes (see on_policy_pairs); shifted: "
-                        "every problem, rejected = the correct working with a result off by 1-3")  # fmt: skip
+    parser.add_argument("--rejected", choices=["own", "sampled", "shifted"], default="own",
+                        help="own: on-policy pairs from the SFT model's greedy mistakes (see on_policy_pairs); "
+                        "sampled: from its greedy and sampled replies (see sampled_pairs); shifted: every problem, "
+                        "rejected = the correct working with a result off by 1-3")  # fmt: skip
+    parser.add_argument("--samples", type=int, default=8, help="with --rejected sampled: replies sampled per problem")
     parser.add_argument("--reply-format", choices=sorted(REPLY_FORMATS), default="equation",
                         help="how SFT replies and pairs state the result (see REPLY_FORMATS)")  # fmt: skip
     every = "with --rejected own: a pair for every training problem (see on_policy_pairs)"
@@ -166,6 +198,17 @@ def main() -> None:
         if stage(f"the SFT model answers {len(pair_problems)} training problems", out / "probe-sft.json"):
             math_accuracy(base, lora, probe, out / "probe-sft.json")
         records, own = on_policy_pairs(pair_problems, out / "probe-sft.records.jsonl", rng, fmt, args.every_problem)
+    elif args.rejected == "sampled":
+        if stage(f"the SFT model answers {len(pair_problems)} training problems", out / "probe-sft.json"):
+            math_accuracy(base, lora, probe, out / "probe-sft.json")
+        rounds = [out / "probe-sft.records.jsonl"]
+        for k in range(args.samples):
+            result = out / f"probe-sample-{k}.json"
+            if stage(f"the SFT model samples its answers, round {k + 1} of {args.samples}", result):
+                params = SamplingParams(max_new_tokens=16, temperature=1.0, seed=seed * 1000 + k)
+                math_accuracy(base, lora, probe, result, params)
+            rounds.append(result.with_suffix(".records.jsonl"))
+        records, own = sampled_pairs(pair_problems, rounds, fmt)
     else:
         records = [
             {"instruction": p["question"], "chosen": solution(p, fmt), "rejected": shifted(p, rng, fmt)}

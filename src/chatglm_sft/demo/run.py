@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -14,6 +15,9 @@ from chatglm_sft.errors import UserError
 from chatglm_sft.infer.predict import write_jsonl
 from chatglm_sft.models.synthetic import chatglm2_config, random_model, write_thudm_checkpoint
 from chatglm_sft.train.loop import train_with
+
+if TYPE_CHECKING:
+    from chatglm_sft.infer.sampling import SamplingParams
 
 MAX_NUMBER = 5  # operands 1..5: small enough for a tiny model to learn in a few minutes on a CPU
 BASE_TRAINING = {"method": "full", "batch_size": 16, "learning_rate": 3e-3, "warmup_steps": 10, "logging_steps": 10}
@@ -54,9 +58,11 @@ def base_checkpoint(folder: Path, seed: int) -> Path:
     return write_thudm_checkpoint(random_model(config, seed), folder)
 
 
-def math_accuracy(model_dir: Path, adapter: Path | None, test: Path, output: Path) -> float:
-    """Accuracy of the greedy answers (with `adapter`) to the problems in `test`, scored as Math23K; details in
-    `output`."""
+def math_accuracy(
+    model_dir: Path, adapter: Path | None, test: Path, output: Path, params: SamplingParams | None = None
+) -> float:
+    """Accuracy of the answers (with `adapter`; greedy unless `params` say otherwise) to the problems in `test`,
+    scored as Math23K; details in `output`."""
     import chatglm_sft
     from chatglm_sft.eval import math23k, runner
     from chatglm_sft.infer.engine import Engine
@@ -66,7 +72,8 @@ def math_accuracy(model_dir: Path, adapter: Path | None, test: Path, output: Pat
     model = chatglm_sft.load_model(model_dir, dtype=torch.float32, adapter=adapter)
     engine = Engine(model, chatglm_sft.load_tokenizer(model_dir))
     records, prompts = load_prompts(engine, test, "columns", "original_text")
-    rows, _ = predict(engine, records, prompts, SamplingParams(max_new_tokens=16), batch_size=32, progress=False)
+    params = params or SamplingParams(max_new_tokens=16)
+    rows, _ = predict(engine, records, prompts, params, batch_size=32, progress=False)
     metrics, details = math23k.score(rows)
     runner.write_results(metrics, details, output)
     return metrics["accuracy"]
