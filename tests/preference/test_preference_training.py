@@ -122,6 +122,20 @@ def test_eval_split_logs_held_out_rewards(tiny_checkpoint, tmp_path, pairs, caps
 
 
 @pytest.mark.parametrize(
+    ("objective", "given", "expected"), [("simpo", None, 2.0), ("simpo", 0.5, 0.5), ("dpo", None, 0.1)]
+)
+def test_beta_defaults_to_the_objectives_own(tiny_checkpoint, tmp_path, pairs, capsys, objective, given, expected):
+    """SimPO's β is its authors' 2.0 unless given, DPO's TRL's 0.1; the loss and rewards use it."""
+    out = tmp_path / "out"
+    options = {"objective": objective, "max_steps": 2} | ({"beta": given} if given else {})
+    printed = train_here(capsys, tiny_checkpoint("chatglm2-6b"), pairs, out, **options)
+    assert f"objective {objective} (β {expected:g})" in printed
+    last = train_log(out)[-1]
+    if objective == "simpo":  # rewards = β · mean log π (DPO's use the reference's log-probabilities, not logged)
+        assert last["rewards/chosen"] == pytest.approx(expected * last["logps/chosen"], rel=1e-5)
+
+
+@pytest.mark.parametrize(
     ("options", "message"),
     [
         ({"objective": "dpo", "packing": True}, "--packing"),

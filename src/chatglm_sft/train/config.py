@@ -120,8 +120,10 @@ class TrainConfig:
     """DeepSpeed JSON for --distributed deepspeed (configs/deepspeed/zero2.json or zero3.json; default ZeRO-2)."""
     objective: str = option("sft", choices=OBJECTIVES)
     """sft (answer-token cross-entropy) or a preference objective on pairs: dpo, orpo, simpo (docs/preference.md)."""
-    beta: float = option(0.1, gt=0)
-    """dpo and simpo: the β scaling the log-probability differences."""
+    beta: float | None = option(None, gt=0)
+    """dpo and simpo: the β scaling the log-probability differences (default: the objective's own, dpo 0.1 as in
+    TRL and the DPO paper, simpo 2.0 as in the SimPO paper and torchtune: SimPO compares per-token averages, which
+    differ far less than DPO's sums)."""
     label_smoothing: float = option(0.0, ge=0, lt=0.5)
     """dpo and simpo: probability that a pair's preference is flipped (conservative loss)."""
     simpo_gamma: float = option(0.5, ge=0)

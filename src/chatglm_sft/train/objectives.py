@@ -59,7 +59,9 @@ class PreferenceSettings:
 
     @classmethod
     def of(cls, config) -> PreferenceSettings:
-        return cls(config.beta, config.label_smoothing, config.simpo_gamma, config.orpo_lambda, config.rpo_alpha)
+        """The settings of a `TrainConfig`; β defaults to the objective's own."""
+        beta = OBJECTIVES[config.objective].beta if config.beta is None else config.beta
+        return cls(beta, config.label_smoothing, config.simpo_gamma, config.orpo_lambda, config.rpo_alpha)
 
 
 def _smoothed_sigmoid(logits: torch.Tensor, epsilon: float) -> torch.Tensor:
@@ -110,15 +112,19 @@ class Objective:
     """Whether the loss compares with a reference model's log-probabilities."""
     loss: Callable[[PairLogps, PreferenceSettings], PairLoss] | None
     """The loss over a batch of pairs (None: the loop's own answer-token cross-entropy)."""
+    beta: float | None = None
+    """The default β of a loss that has one (`--beta` overrides it)."""
 
 
 OBJECTIVES: dict[str, Objective] = {
     o.name: o
     for o in (
         Objective("sft", "conversations", reference=False, loss=None),
-        Objective("dpo", "pairs", reference=True, loss=dpo_loss),
+        Objective("dpo", "pairs", reference=True, loss=dpo_loss, beta=0.1),
         Objective("orpo", "pairs", reference=False, loss=orpo_loss),
-        Objective("simpo", "pairs", reference=False, loss=simpo_loss),
+        # SimPO's rewards are per-token averages, which differ far less than DPO's sums: its authors train with
+        # β 2-2.5 (torchtune's default 2.0); DPO's 0.1 would leave γ = 0.5 out of reach.
+        Objective("simpo", "pairs", reference=False, loss=simpo_loss, beta=2.0),
     )
 }
 """Every `--objective`."""

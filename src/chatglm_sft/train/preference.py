@@ -185,7 +185,8 @@ class PreferenceTrainer(Trainer):
         order = list(range(len(examples)))
         random.Random(c.seed).shuffle(order)
         n_eval = int(len(examples) * (c.eval_split or 0.0))
-        _say(d, f"{len(examples)} pairs ({n_eval} held out), objective {c.objective}")
+        beta = f" (β {self.settings.beta:g})" if self.objective.beta is not None else ""
+        _say(d, f"{len(examples)} pairs ({n_eval} held out), objective {c.objective}{beta}")
         return [examples[i] for i in sorted(order[n_eval:])], [examples[i] for i in sorted(order[:n_eval])]
 
     def example_length(self, example) -> int:
