@@ -142,6 +142,8 @@ def test_beta_defaults_to_the_objectives_own(tiny_checkpoint, tmp_path, pairs, c
         ({"objective": "orpo", "precompute_ref": True}, "--precompute-ref"),
         ({"objective": "sft", "ref_adapter": "."}, "--ref-adapter"),
         ({"objective": "dpo", "method": "full", "ref_adapter": "."}, "--ref-adapter"),
+        ({"objective": "orpo", "beta": 0.5}, "--beta: --objective orpo has no β .*--orpo-lambda"),
+        ({"objective": "sft", "beta": 0.5}, "--beta: --objective sft has no β"),
     ],
 )
 def test_refused_options_name_the_option(tiny_checkpoint, tmp_path, pairs, capsys, options, message):

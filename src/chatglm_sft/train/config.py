@@ -146,6 +146,19 @@ class TrainConfig:
         if self.resume not in (None, "auto") and not Path(self.resume).is_dir():
             raise OptionError(f"--resume {self.resume}: expected auto or a checkpoint folder")
         self._check_reference_options()
+        self._check_beta()
+
+    def _check_beta(self) -> None:
+        """--beta means something only to an objective that has a β (TRL's ORPOConfig calls ORPO's λ `beta`)."""
+        if self.beta is None:
+            return
+        from chatglm_sft.train.objectives import OBJECTIVES as RECORDS  # (imports torch: only when it matters)
+
+        if RECORDS[self.objective].beta is None:
+            users = ", ".join(name for name, o in RECORDS.items() if o.beta is not None)
+            raise OptionError(
+                f"--beta: --objective {self.objective} has no β (only {users}; ORPO's weight is --orpo-lambda)"
+            )
 
     def _check_reference_options(self) -> None:
         """--ref-model, --ref-adapter and --precompute-ref mean something only to an objective with a reference."""
