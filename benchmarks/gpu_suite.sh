@@ -7,6 +7,8 @@
 #
 #   bash benchmarks/gpu_suite.sh [--shape 6b|tiny] [--device cuda|cpu] [--out DIR]
 #   bash benchmarks/gpu_suite.sh --shape tiny --device cpu      # the end-to-end check a test runs on a CPU
+#
+# The sections run under $PYTHON (default: the `python` on PATH, i.e. an activated environment's).
 set -uo pipefail
 
 shape=6b
@@ -22,7 +24,7 @@ while [ $# -gt 0 ]; do
 done
 
 here="$(cd "$(dirname "$0")" && pwd)"
-suite=(python "$here/gpu_suite.py" --shape "$shape" --device "$device" --work "$out")
+suite=("${PYTHON:-python}" "$here/gpu_suite.py" --shape "$shape" --device "$device" --work "$out")
 mkdir -p "$out"
 rm -f "$out"/section-*.json
 "${suite[@]}" --setup || exit 1

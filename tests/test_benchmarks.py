@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -43,6 +44,7 @@ def test_gpu_suite_runs_end_to_end_on_cpu_with_a_tiny_shape(tmp_path):
         capture_output=True,
         text=True,
         timeout=1200,
+        env=os.environ | {"PYTHON": sys.executable},  # this interpreter, whether or not its environment is on PATH
     )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     suite = json.loads((out / "suite.json").read_text())
