@@ -29,6 +29,17 @@ from chatglm_sft.models.quantize import weight_bytes
 from chatglm_sft.models.synthetic import chatglm2_config, random_model, write_thudm_checkpoint
 
 
+def random_loaded_model(hidden: int, layers: int, ffn: int, dtype: str):
+    """A ChatGLM2-architecture model with random weights, written in THUDM's layout and read back with `load_model`
+    in `dtype` (fp32, bf16, or int8/int4 over bf16: the same quantization as `--quantize`)."""
+    config = chatglm2_config(hidden, layers, ffn)
+    torch_dtype = torch.float32 if dtype == "fp32" else torch.bfloat16
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = write_thudm_checkpoint(random_model(config).to(torch_dtype), Path(tmp) / "model")
+        quantize = dtype if dtype in ("int8", "int4") else None
+        return load_model(folder, dtype=torch_dtype, quantize=quantize)
+
+
 def bandwidth() -> float:
     """Bytes per second for streaming through 1 GiB of memory (best of 5)."""
     x = torch.ones(256 * 1024 * 1024, dtype=torch.float32)
@@ -60,12 +71,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
-    config = chatglm2_config(args.hidden, args.layers, args.ffn)
-    dtype = torch.float32 if args.dtype == "fp32" else torch.bfloat16
-    with tempfile.TemporaryDirectory() as tmp:
-        folder = write_thudm_checkpoint(random_model(config).to(dtype), Path(tmp) / "model")
-        quantize = args.dtype if args.dtype in ("int8", "int4") else None
-        model = load_model(folder, dtype=dtype, quantize=quantize)
+    model = random_loaded_model(args.hidden, args.layers, args.ffn, args.dtype)
     table = model.get_input_embeddings().weight
     streamed = weight_bytes(model) - table.numel() * table.element_size()
     engine = Engine(model, tokenizer=None)

@@ -15,16 +15,12 @@ compared; the first step's logits are (the largest difference, against the large
 from __future__ import annotations
 
 import argparse
-import tempfile
 import time
-from pathlib import Path
 
 import torch
 import torch._inductor.config as inductor
+from decode import random_loaded_model  # benchmarks/decode.py: the same model, loaded the same way
 from transformers import StaticCache
-
-from chatglm_sft.models.loading import load_model
-from chatglm_sft.models.synthetic import chatglm2_config, random_model, write_thudm_checkpoint
 
 PROMPT = 16
 
@@ -55,10 +51,7 @@ def main() -> None:
     inductor.freezing = True  # the GEMM template prepacks frozen weights; without it Inductor keeps ATen's kernel
     inductor.fx_graph_cache = False  # it once handed a process another process's frozen weights (woq_compile.py)
     inductor.max_autotune_gemm_backends = "CPP,ATEN"
-    config = chatglm2_config(4096, args.layers, 13696)
-    with tempfile.TemporaryDirectory() as tmp:
-        folder = write_thudm_checkpoint(random_model(config).to(torch.bfloat16), Path(tmp) / "model")
-        model = load_model(folder, dtype=torch.bfloat16, quantize=None if args.quantize == "none" else args.quantize)
+    model = random_loaded_model(4096, args.layers, 13696, "bf16" if args.quantize == "none" else args.quantize)
 
     def step(ids, positions, cache, cache_position):
         out = model(input_ids=ids, position_ids=positions, cache=cache, cache_position=cache_position,

@@ -194,13 +194,12 @@ def main() -> None:
     sft_accuracy = json.loads((out / "eval-sft.json").read_text())["accuracy"]
     print(f"SFT accuracy: {sft_accuracy:.3f}", flush=True)
     rng, own = random.Random(seed), 0
+    on_policy = args.rejected in ("own", "sampled")
+    if on_policy and stage(f"the SFT model answers {len(pair_problems)} training problems", out / "probe-sft.json"):
+        math_accuracy(base, lora, probe, out / "probe-sft.json")
     if args.rejected == "own":
-        if stage(f"the SFT model answers {len(pair_problems)} training problems", out / "probe-sft.json"):
-            math_accuracy(base, lora, probe, out / "probe-sft.json")
         records, own = on_policy_pairs(pair_problems, out / "probe-sft.records.jsonl", rng, fmt, args.every_problem)
     elif args.rejected == "sampled":
-        if stage(f"the SFT model answers {len(pair_problems)} training problems", out / "probe-sft.json"):
-            math_accuracy(base, lora, probe, out / "probe-sft.json")
         rounds = [out / "probe-sft.records.jsonl"]
         for k in range(args.samples):
             result = out / f"probe-sample-{k}.json"
