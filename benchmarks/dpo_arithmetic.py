@@ -8,8 +8,13 @@ model answers 1,000 training problems greedily; chosen = the correct worked answ
 Math23K scorer) before and after. Results and the runs around them: docs/preference.md.
 
     python benchmarks/dpo_arithmetic.py OUTPUT_DIR [--sft-steps 400] [--dpo-steps 40] [--learning-rate 2e-4]
-        [--beta 0.1] [--rpo-alpha 0] [--label-smoothing 0] [--rejected own|shifted] [--every-problem]
-        [--reply-format equation|demo] [--noisy-facts 0.3] [--noise 0.6] [--reuse]
+        [--beta 0.1] [--rpo-alpha 0] [--label-smoothing 0] [--rejected own|sampled|shifted] [--every-problem]
+        [--reply-format equation|demo] [--noise-kind fact|operation] [--noisy-facts 0.3] [--noise 0.6] [--reuse]
+
+With `--noise-kind operation` the SFT source misreads a wording instead (problems where someone gives things away
+are answered as additions 60% of the time): the SFT model knows both operations and picks the wrong one for those
+questions, and DPO's pairs (its own added replies rejected) tell it which to pick, where with wrong facts they must
+change arithmetic the tiny model shares across facts.
 
 `--rpo-alpha 1 --beta 1e-5` is the control: the NLL of the chosen replies with the preference term made negligible.
 """
@@ -21,6 +26,7 @@ import json
 import random
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 from chatglm_sft.demo.problems import make_problems
@@ -61,6 +67,46 @@ def shifted(problem: dict, rng: random.Random, reply_format: str) -> str:
     return with_result(problem, problem["answer"] + rng.choice([-3, -2, -1, 1, 2, 3]), reply_format)
 
 
+def swapped(lhs: str) -> tuple[str, int]:
+    """`lhs` ("5-3") with the other operator, and what that computes: ("5+3", 8)."""
+    a, op, b = lhs.partition("-") if "-" in lhs else lhs.partition("+")
+    return (f"{a}+{b}", int(a) + int(b)) if op == "-" else (f"{a}-{b}", int(a) - int(b))
+
+
+def other_operation(problem: dict, reply_format: str) -> str:
+    """The working done with the other operation: a subtraction added (5-3 answered 5+3=8), an addition subtracted
+    (5+3 answered 5-3=2)."""
+    lhs, value = swapped(problem["solution"].split("=")[0])
+    return REPLY_FORMATS[reply_format].format(lhs=lhs, value=value)
+
+
+def other_operator(problem: dict, reply_format: str) -> str:
+    """The working with the other operator and the problem's own result (5-3 answered 5+3=2): it differs from the
+    right reply at the operator alone, so a pair of the two says which operation and nothing about any sum."""
+    return with_result(
+        {"solution": swapped(problem["solution"].split("=")[0])[0] + "="}, problem["answer"], reply_format
+    )
+
+
+MISREAD = "送给同学"
+"""The wording (of one of the demo's two subtraction templates: "gives N to a classmate") that the source of
+`operation_noisy_solutions` misreads as receiving."""
+
+
+def operation_noisy_solutions(problems: list[dict], rate: float, seed: int, reply_format: str) -> list[str]:
+    """SFT replies from a source that misreads one wording: a word problem saying `MISREAD` is answered as an
+    addition with probability `rate` (5-3 answered 5+3=8); the others are right. The mistake is one rule, not a
+    fact, and subtraction is still taught by the other template, so the SFT model knows both operations and picks
+    the wrong one for these questions."""
+    rng = random.Random(seed)
+    return [
+        other_operation(p, reply_format)
+        if rng.random() < rate and MISREAD in p["question"]
+        else solution(p, reply_format)
+        for p in problems
+    ]
+
+
 def noisy_solutions(problems: list[dict], share: float, rate: float, seed: int, reply_format: str) -> list[str]:
     """SFT replies from a source of mixed quality: for a `share` of the arithmetic facts (4+5, 3-2, ...) a reply is
     wrong with probability `rate`, always off the same way for a fact (4+5=10, say); the others are right."""
@@ -76,15 +122,22 @@ def noisy_solutions(problems: list[dict], share: float, rate: float, seed: int, 
 
 
 def on_policy_pairs(
-    problems: list[dict], records: Path, rng: random.Random, reply_format: str, every_problem: bool = False
+    problems: list[dict],
+    records: Path,
+    rng: random.Random,
+    reply_format: str,
+    filler: Callable[[dict], str] | None = None,
+    reverse: bool = True,
 ) -> tuple[list[dict], int]:
     """Pairs from the SFT model's greedy answers to the training problems (on-policy), chosen = the correct working:
 
     * where it erred, rejected = its own wrong reply (it answers 8 where 9 is right, say);
-    * where it was right with an answer it wrongly gives elsewhere, rejected = the same confusion the other way round
-      (9 where 8 is right): pairs of its mistakes alone teach a blanket "say a larger digit";
-    * with `every_problem`, every other problem too, rejected = its working with a result off by 1 to 3, so that
-      the facts it already knows are held in place while its mistakes are corrected.
+    * with `reverse`, where it was right with an answer it wrongly gives elsewhere, rejected = the same confusion the
+      other way round (9 where 8 is right): pairs of its mistakes alone teach a blanket "say a larger digit" when the
+      mistakes are confused facts (with a misread operation they are not: 5+3=8 is no confusion of 8 with 2);
+    * with a `filler`, every other problem too, rejected = `filler(problem)` (its working with a result off by 1 to
+      3, say, or with the other operation), so that what it already does right is held in place while its mistakes
+      are corrected.
 
     The other problems make no pair. Returns the pairs and how many rejected replies are the model's own."""
     answers = [json.loads(line) for line in records.read_text(encoding="utf-8").splitlines()]
@@ -98,10 +151,10 @@ def on_policy_pairs(
             should_be.setdefault(answer["pred_answer"], set()).add(problem["answer"])
     pairs = []
     for problem, mistake in zip(problems, own, strict=True):
-        reverse = sorted(should_be.get(problem["answer"], set()) - {problem["answer"]})
-        rejected = mistake or (with_result(problem, rng.choice(reverse), reply_format) if reverse else None)
-        if rejected is None and every_problem:
-            rejected = shifted(problem, rng, reply_format)
+        others = sorted(should_be.get(problem["answer"], set()) - {problem["answer"]}) if reverse else []
+        rejected = mistake or (with_result(problem, rng.choice(others), reply_format) if others else None)
+        if rejected is None and filler is not None:
+            rejected = filler(problem)
         if rejected:
             chosen = solution(problem, reply_format)
             pairs.append({"instruction": problem["question"], "chosen": chosen, "rejected": rejected})
@@ -147,16 +200,21 @@ def main() -> None:
     parser.add_argument("--learning-rate", type=float, default=2e-4)
     parser.add_argument("--rpo-alpha", type=float, default=0.0, help="weight of the chosen reply's NLL (0: plain DPO)")
     parser.add_argument("--label-smoothing", type=float, default=0.0, help="DPO's label smoothing (cDPO)")
+    kinds = "fact: some facts' SFT replies are off by one (noisy_solutions); operation: the replies to one "
+    kinds += "wording of subtraction add instead (operation_noisy_solutions)"
+    parser.add_argument("--noise-kind", choices=["fact", "operation"], default="fact", help=kinds)
     parser.add_argument("--noisy-facts", type=float, default=0.3, help="share of the facts with wrong SFT replies")
-    parser.add_argument("--noise", type=float, default=0.6, help="how often such a fact's SFT reply is wrong")
-    parser.add_argument("--rejected", choices=["own", "sampled", "shifted"], default="own",
+    parser.add_argument("--noise", type=float, default=0.6, help="how often such a fact's (problem's) reply is wrong")
+    parser.add_argument("--rejected", choices=["own", "sampled", "shifted", "operator"], default="own",
                         help="own: on-policy pairs from the SFT model's greedy mistakes (see on_policy_pairs); "
                         "sampled: from its greedy and sampled replies (see sampled_pairs); shifted: every problem, "
-                        "rejected = the correct working with a result off by 1-3")  # fmt: skip
+                        "rejected = the correct working with a result off by 1-3; operator: every problem, "
+                        "rejected = the other operator with the right result (see other_operator)")  # fmt: skip
     parser.add_argument("--samples", type=int, default=8, help="with --rejected sampled: replies sampled per problem")
     parser.add_argument("--reply-format", choices=sorted(REPLY_FORMATS), default="equation",
                         help="how SFT replies and pairs state the result (see REPLY_FORMATS)")  # fmt: skip
-    every = "with --rejected own: a pair for every training problem (see on_policy_pairs)"
+    every = "with --rejected own: a pair for every training problem (rejected: off by 1-3, or with --noise-kind "
+    every += "operation the other operation; see on_policy_pairs)"
     parser.add_argument("--every-problem", action="store_true", help=every)
     parser.add_argument("--pairs", type=int, default=1000, help="training problems to make pairs of")
     keep = "keep the base model, SFT adapter and evaluations already in OUTPUT (to tune DPO)"
@@ -175,7 +233,10 @@ def main() -> None:
     train_set, test_set = make_problems(3000, seed, MAX_NUMBER), make_problems(200, seed + 1, MAX_NUMBER)
     equations = make_problems(3000, seed + 2, MAX_NUMBER)
     corpus = write_jsonl(base_corpus(train_set, equations), out / "corpus.jsonl")
-    replies = noisy_solutions(train_set, args.noisy_facts, args.noise, seed + 3, fmt)
+    if args.noise_kind == "operation":
+        replies = operation_noisy_solutions(train_set, args.noise, seed + 3, fmt)
+    else:
+        replies = noisy_solutions(train_set, args.noisy_facts, args.noise, seed + 3, fmt)
     sft_rows = [{"instruction": p["question"], "output": r} for p, r in zip(train_set, replies, strict=True)]
     sft = write_jsonl(sft_rows, out / "sft.jsonl")
     test = write_jsonl(questions(test_set), out / "test.jsonl")
@@ -198,7 +259,11 @@ def main() -> None:
     if on_policy and stage(f"the SFT model answers {len(pair_problems)} training problems", out / "probe-sft.json"):
         math_accuracy(base, lora, probe, out / "probe-sft.json")
     if args.rejected == "own":
-        records, own = on_policy_pairs(pair_problems, out / "probe-sft.records.jsonl", rng, fmt, args.every_problem)
+        answers, by_fact = out / "probe-sft.records.jsonl", args.noise_kind == "fact"
+        filler = (lambda p: shifted(p, rng, fmt)) if by_fact else (lambda p: other_operation(p, fmt))
+        records, own = on_policy_pairs(
+            pair_problems, answers, rng, fmt, filler if args.every_problem else None, reverse=by_fact
+        )
     elif args.rejected == "sampled":
         rounds = [out / "probe-sft.records.jsonl"]
         for k in range(args.samples):
@@ -209,9 +274,9 @@ def main() -> None:
             rounds.append(result.with_suffix(".records.jsonl"))
         records, own = sampled_pairs(pair_problems, rounds, fmt)
     else:
+        wrong = (lambda p: shifted(p, rng, fmt)) if args.rejected == "shifted" else (lambda p: other_operator(p, fmt))
         records = [
-            {"instruction": p["question"], "chosen": solution(p, fmt), "rejected": shifted(p, rng, fmt)}
-            for p in pair_problems
+            {"instruction": p["question"], "chosen": solution(p, fmt), "rejected": wrong(p)} for p in pair_problems
         ]
     pairs = write_jsonl(records, out / "pairs.jsonl")
     stage("DPO from the SFT adapter (reference: the SFT model)")

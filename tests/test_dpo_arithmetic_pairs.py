@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import random
 from pathlib import Path
 
 from chatglm_sft.demo.problems import make_problems
@@ -56,3 +57,58 @@ def test_a_confusion_is_the_working_with_another_integer_result():
     assert not script.is_confusion(problem, f"{lhs}={problem['answer']}", "equation")
     assert not script.is_confusion(problem, f"{lhs}=", "equation")
     assert not script.is_confusion(problem, f"1{lhs}={problem['answer'] + 1}", "equation")
+
+
+def test_the_other_operation_swaps_the_operator_and_its_result():
+    script = load_script()
+    problems = make_problems(40, seed=2, max_number=5)
+    for problem in problems:
+        a, b = (int(n) for n in problem["solution"].split("=")[0].replace("+", "-").split("-"))
+        swapped = script.other_operation(problem, "equation")
+        assert swapped == (f"{a}+{b}={a + b}" if "-" in problem["solution"] else f"{a}-{b}={a - b}")
+
+
+def test_the_misreading_source_adds_only_where_the_wording_is_misread():
+    script = load_script()
+    problems = make_problems(300, seed=3, max_number=5)
+    replies = script.operation_noisy_solutions(problems, rate=1.0, seed=0, reply_format="equation")
+    misread = [script.MISREAD in p["question"] for p in problems]
+    assert 0 < sum(misread) < len(problems)
+    for problem, reply, wrong in zip(problems, replies, misread, strict=True):
+        expected = script.other_operation if wrong else script.solution
+        assert reply == expected(problem, "equation")
+    clean = script.operation_noisy_solutions(problems, rate=0.0, seed=0, reply_format="equation")
+    assert clean == [script.solution(p, "equation") for p in problems]
+
+
+def test_on_policy_pairs_reject_own_mistakes_and_fill_the_rest(tmp_path):
+    script = load_script()
+    problems = [p for p in make_problems(60, seed=4, max_number=5) if script.MISREAD in p["question"]][:2]
+    problems += [p for p in make_problems(60, seed=5, max_number=5) if "+" in p["solution"]][:2]
+    # The first is answered with the wrong operation (its own mistake), the rest right.
+    replies = [script.other_operation(problems[0], "equation")]
+    replies += [script.solution(p, "equation") for p in problems[1:]]
+    rows = [
+        {"response": r, "correct": r == script.solution(p, "equation"), "pred_answer": int(r.rpartition("=")[2])}
+        for p, r in zip(problems, replies, strict=True)
+    ]
+    records = tmp_path / "greedy.jsonl"
+    records.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
+
+    def fill(problem: dict) -> str:
+        return script.other_operation(problem, "equation")
+
+    pairs, own = script.on_policy_pairs(problems, records, random.Random(0), "equation", fill, reverse=False)
+    assert own == 1
+    assert [pair["rejected"] for pair in pairs] == [script.other_operation(p, "equation") for p in problems]
+    assert all(pair["chosen"] == script.solution(p, "equation") for pair, p in zip(pairs, problems, strict=True))
+    pairs, own = script.on_policy_pairs(problems, records, random.Random(0), "equation", None, reverse=False)
+    assert [pair["rejected"] for pair in pairs] == [replies[0]]
+
+
+def test_the_other_operator_keeps_the_result_and_differs_at_the_operator_alone():
+    script = load_script()
+    for problem in make_problems(20, seed=6, max_number=5):
+        right, wrong = script.solution(problem, "equation"), script.other_operator(problem, "equation")
+        assert len(right) == len(wrong)
+        assert [(a, b) for a, b in zip(right, wrong, strict=True) if a != b] in ([("+", "-")], [("-", "+")])
