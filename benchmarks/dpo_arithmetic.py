@@ -14,7 +14,9 @@ Math23K scorer) before and after. Results and the runs around them: docs/prefere
 With `--noise-kind operation` the SFT source misreads a wording instead (problems where someone gives things away
 are answered as additions 60% of the time): the SFT model knows both operations and picks the wrong one for those
 questions, and DPO's pairs (its own added replies rejected) tell it which to pick, where with wrong facts they must
-change arithmetic the tiny model shares across facts.
+change arithmetic the tiny model shares across facts. The run in docs/preference.md:
+
+    python benchmarks/dpo_arithmetic.py OUTPUT_DIR --noise-kind operation --sft-steps 800 --learning-rate 1e-4
 
 `--rpo-alpha 1 --beta 1e-5` is the control: the NLL of the chosen replies with the preference term made negligible.
 """
