@@ -8,7 +8,7 @@ model answers 1,000 training problems greedily; chosen = the correct worked answ
 Math23K scorer) before and after. Results and the runs around them: docs/preference.md.
 
     python benchmarks/dpo_arithmetic.py OUTPUT_DIR [--sft-steps 400] [--dpo-steps 40] [--learning-rate 2e-4]
-        [--beta 0.1] [--rpo-alpha 0] [--label-smoothing 0] [--rejected own|sampled|shifted] [--every-problem]
+        [--beta 0.1] [--rpo-alpha 0] [--label-smoothing 0] [--rejected own|sampled|shifted|operator] [--every-problem]
         [--reply-format equation|demo] [--noise-kind fact|operation] [--noisy-facts 0.3] [--noise 0.6] [--reuse]
 
 With `--noise-kind operation` the SFT source misreads a wording instead (problems where someone gives things away
@@ -85,9 +85,8 @@ def other_operation(problem: dict, reply_format: str) -> str:
 def other_operator(problem: dict, reply_format: str) -> str:
     """The working with the other operator and the problem's own result (5-3 answered 5+3=2): it differs from the
     right reply at the operator alone, so a pair of the two says which operation and nothing about any sum."""
-    return with_result(
-        {"solution": swapped(problem["solution"].split("=")[0])[0] + "="}, problem["answer"], reply_format
-    )
+    lhs, _ = swapped(problem["solution"].split("=")[0])
+    return REPLY_FORMATS[reply_format].format(lhs=lhs, value=problem["answer"])
 
 
 MISREAD = "送给同学"
@@ -206,7 +205,9 @@ def main() -> None:
     kinds += "wording of subtraction add instead (operation_noisy_solutions)"
     parser.add_argument("--noise-kind", choices=["fact", "operation"], default="fact", help=kinds)
     parser.add_argument("--noisy-facts", type=float, default=0.3, help="share of the facts with wrong SFT replies")
-    parser.add_argument("--noise", type=float, default=0.6, help="how often such a fact's (problem's) reply is wrong")
+    parser.add_argument(
+        "--noise", type=float, default=0.6, help="how often a noisy fact's (misread problem's) reply is wrong"
+    )
     parser.add_argument("--rejected", choices=["own", "sampled", "shifted", "operator"], default="own",
                         help="own: on-policy pairs from the SFT model's greedy mistakes (see on_policy_pairs); "
                         "sampled: from its greedy and sampled replies (see sampled_pairs); shifted: every problem, "
