@@ -9,7 +9,8 @@ Math23K scorer) before and after. Results and the runs around them: docs/prefere
 
     python benchmarks/dpo_arithmetic.py OUTPUT_DIR [--sft-steps 400] [--dpo-steps 40] [--learning-rate 2e-4]
         [--beta 0.1] [--rpo-alpha 0] [--label-smoothing 0] [--rejected own|sampled|shifted|operator] [--every-problem]
-        [--reply-format equation|demo] [--noise-kind fact|operation] [--noisy-facts 0.3] [--noise 0.6] [--reuse]
+        [--reply-format equation|demo] [--noise-kind fact|operation] [--noisy-facts 0.3] [--noise 0.6]
+        [--imperfect-chosen 0] [--reuse]
 
 With `--noise-kind operation` the SFT source misreads a wording instead (problems where someone gives things away
 are answered as additions 60% of the time): the SFT model knows both operations and picks the wrong one for those
@@ -162,6 +163,21 @@ def on_policy_pairs(
     return pairs, sum(m is not None for m in own)
 
 
+def imperfect_chosen(records: list[dict], problems: list[dict], share: float, seed: int, reply_format: str) -> int:
+    """Make a `share` of the pairs' chosen replies right in method but wrong in result (5-3=3 preferred to 5+3=8),
+    in place, as when raters judge which reply took the right approach: a preference still says which is better,
+    while SFT on the chosen replies would also learn their wrong results. Returns how many were changed."""
+    rng, answers = random.Random(seed), {p["question"]: p for p in problems}
+    changed = 0
+    for record in records:
+        if rng.random() < share:
+            problem = answers[record["instruction"]]
+            candidates = [with_result(problem, problem["answer"] + d, reply_format) for d in (-1, 1)]
+            record["chosen"] = rng.choice([c for c in candidates if c != record["rejected"]])  # replies must differ
+            changed += 1
+    return changed
+
+
 def is_confusion(problem: dict, reply: str, reply_format: str) -> bool:
     """Whether `reply` is the problem's working with a wrong integer result."""
     value = reply.rpartition("=")[2]
@@ -220,6 +236,8 @@ def main() -> None:
     every += "operation the other operation; see on_policy_pairs)"
     parser.add_argument("--every-problem", action="store_true", help=every)
     parser.add_argument("--pairs", type=int, default=1000, help="training problems to make pairs of")
+    imperfect = "share of the chosen replies given a result off by one, the method kept (see imperfect_chosen)"
+    parser.add_argument("--imperfect-chosen", type=float, default=0.0, help=imperfect)
     keep = "keep the base model, SFT adapter and evaluations already in OUTPUT (to tune DPO)"
     parser.add_argument("--reuse", action="store_true", help=keep)
     args = parser.parse_args()
@@ -281,6 +299,7 @@ def main() -> None:
         records = [
             {"instruction": p["question"], "chosen": solution(p, fmt), "rejected": wrong(p)} for p in pair_problems
         ]
+    imperfect = imperfect_chosen(records, pair_problems, args.imperfect_chosen, seed + 4, fmt)
     pairs = write_jsonl(records, out / "pairs.jsonl")
     stage("DPO from the SFT adapter (reference: the SFT model)")
     train_with(model=base, data=pairs, output=dpo, objective="dpo", method="lora", ref_adapter=lora,
@@ -297,6 +316,7 @@ def main() -> None:
         "delta": round(dpo_accuracy - sft_accuracy, 4),
         "pairs": len(records),
         "rejected_from_the_sft_model": own,
+        "imperfect_chosen": imperfect,
         "dpo_first_loss": steps[0]["loss"],
         "dpo_last_loss": steps[-1]["loss"],
         "dpo_last_margin": steps[-1]["rewards/margins"],

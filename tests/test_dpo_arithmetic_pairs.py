@@ -112,3 +112,25 @@ def test_the_other_operator_keeps_the_result_and_differs_at_the_operator_alone()
         right, wrong = script.solution(problem, "equation"), script.other_operator(problem, "equation")
         assert len(right) == len(wrong)
         assert [(a, b) for a, b in zip(right, wrong, strict=True) if a != b] in ([("+", "-")], [("-", "+")])
+
+
+def test_imperfect_chosen_replies_keep_the_method_and_miss_the_result_by_one():
+    script = load_script()
+    problems = make_problems(30, seed=7, max_number=5)
+    records = [
+        {
+            "instruction": p["question"],
+            "chosen": script.solution(p, "equation"),
+            "rejected": script.shifted(p, rng, "equation"),
+        }
+        for p, rng in zip(problems, [random.Random(i) for i in range(30)], strict=True)
+    ]
+    untouched = [dict(r) for r in records]
+    assert script.imperfect_chosen(untouched, problems, 0.0, seed=0, reply_format="equation") == 0
+    assert untouched == records
+    assert script.imperfect_chosen(records, problems, 1.0, seed=0, reply_format="equation") == len(records)
+    for record, problem in zip(records, problems, strict=True):
+        lhs, _, value = record["chosen"].rpartition("=")
+        assert lhs == script.solution(problem, "equation").rpartition("=")[0]
+        assert abs(int(value) - problem["answer"]) == 1
+        assert record["chosen"] != record["rejected"]
