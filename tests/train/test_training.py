@@ -235,4 +235,7 @@ def test_ddp_two_processes(tmp_path, tiny_checkpoint, tiny_alpaca):
     g1, g2 = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
     assert set(g1) == set(g2)
     for name in g1:
-        assert torch.allclose(g1[name], g2[name], atol=1e-6, rtol=1e-4), name
+        # float32 rounding of sums taken in another order scales with the largest entries (see
+        # tests/preference/test_preference_distributed.py); a wrong reduction is off by a factor
+        scale = g1[name].abs().max().item()
+        assert torch.allclose(g1[name], g2[name], atol=1e-4 * scale, rtol=1e-4), name
