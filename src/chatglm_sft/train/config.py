@@ -145,31 +145,28 @@ class TrainConfig:
         check_device(self.device)
         if self.resume not in (None, "auto") and not Path(self.resume).is_dir():
             raise OptionError(f"--resume {self.resume}: expected auto or a checkpoint folder")
-        self._check_reference_options()
-        self._check_beta()
+        self._check_objective_options()
 
-    def _check_beta(self) -> None:
-        """--beta means something only to an objective that has a β (TRL's ORPOConfig calls ORPO's λ `beta`)."""
-        if self.beta is None:
-            return
-        from chatglm_sft.train.objectives import OBJECTIVES as RECORDS  # (imports torch: only when it matters)
+    def _check_objective_options(self) -> None:
+        """Options that mean something only to objectives with some property (`OBJECTIVE_ONLY`), refused naming the
+        option and the objectives it is for."""
+        for names, needs, lacks, hint in OBJECTIVE_ONLY:
+            given = [flag(name) for name in names if getattr(self, name)]
+            if not given:
+                continue
+            from chatglm_sft.train.objectives import OBJECTIVES as RECORDS  # (imports torch: only when it matters)
 
-        if RECORDS[self.objective].beta is None:
-            users = ", ".join(name for name, o in RECORDS.items() if o.beta is not None)
-            raise OptionError(
-                f"--beta: --objective {self.objective} has no β (only {users}; ORPO's weight is --orpo-lambda)"
-            )
+            if not getattr(RECORDS[self.objective], needs):
+                users = ", ".join(name for name, o in RECORDS.items() if getattr(o, needs))
+                raise OptionError(f"{given[0]}: --objective {self.objective} {lacks} (only {users}{hint})")
 
-    def _check_reference_options(self) -> None:
-        """--ref-model, --ref-adapter and --precompute-ref mean something only to an objective with a reference."""
-        given = [flag(name) for name in ("ref_model", "ref_adapter", "precompute_ref") if getattr(self, name)]
-        if not given:
-            return
-        from chatglm_sft.train.objectives import OBJECTIVES as RECORDS  # (imports torch: only when it matters)
 
-        if not RECORDS[self.objective].reference:
-            users = ", ".join(name for name, o in RECORDS.items() if o.reference)
-            raise OptionError(f"{given[0]}: --objective {self.objective} uses no reference model (only {users})")
+OBJECTIVE_ONLY = (
+    (("ref_model", "ref_adapter", "precompute_ref"), "reference", "uses no reference model", ""),
+    # TRL's ORPOConfig calls ORPO's λ `beta`, so the hint.
+    (("beta",), "beta", "has no β", "; ORPO's weight is --orpo-lambda"),
+)
+"""(options, the `Objective` field they need, what an objective without it lacks, a hint for the message)."""
 
 
 def load_config(path: str | Path | None, overrides: dict, check_paths_exist: bool = False) -> TrainConfig:
