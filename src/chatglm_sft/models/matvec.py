@@ -1,11 +1,12 @@
-"""One-row products through a matrix-vector kernel on the CPU, for decoding at batch 1.
+"""Products of a few rows (decoding) with bf16 weights on the CPU, through a matrix-vector kernel.
 
-A decode step at batch 1 multiplies every weight matrix by a single row, so its speed is how fast the weights stream
-from memory. For bf16 weights PyTorch's CPU `F.linear` sends that row through its matrix-matrix path, which on the
-2-core AVX512/AMX machine streamed a 4096×13696 weight at 47% and a 65024×2048 one at 81% of the bandwidth
-`benchmarks/decode.py` measures; `torch.addmv` streamed the same weights at 99% and 124% (docs/benchmarks.md). Float32
-weights gain nothing (`F.linear` already takes a vector kernel for them) and are left as they are, so float32 results
-stay bit-identical; several rows (prefill, batches) take `F.linear` as before.
+A decode step multiplies every weight matrix by one row per sequence, so its speed is how fast the weights stream
+from memory. PyTorch's CPU `F.linear` sends bf16 rows through its matrix-matrix path: on the 2-core AVX512/AMX
+machine it streamed a 4096×13696 weight for one row at 47% of the bandwidth `benchmarks/decode.py` measures, where
+`torch.mv` reached 99%; on a 2-core AVX2 host (no bf16 instructions) it computed 8 rows at 20 GFLOPS, barely faster
+than one row at a time. `cpu_kernels.bf16_matmul` streams the weight once for up to `cpu_kernels.MAX_ROWS` rows;
+without it one row takes `torch.mv` (docs/benchmarks.md). Float32 weights are left as they are (`F.linear` already
+takes a vector kernel for them), so float32 results stay bit-identical; more rows (prefill) take `F.linear`.
 """
 
 from __future__ import annotations
@@ -13,18 +14,30 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from chatglm_sft.models import cpu_kernels
+
 HALF_PRECISION = (torch.bfloat16,)
 """Weight dtypes given the fast path (fp16's CPU matrix-vector kernel was not measured faster)."""
 
 
 class MatVecLinear(nn.Linear):
-    """`nn.Linear` whose one-row inputs go through `torch.addmv`; the same parameters and state-dict names."""
+    """`nn.Linear` whose inputs of a few rows (decoding) go through `cpu_kernels.bf16_matmul`, or, without those
+    kernels, one row through `torch.mv`; the same parameters and state-dict names."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.numel() != self.in_features or x.dtype != self.weight.dtype:
+        if x.dtype != self.weight.dtype:
             return super().forward(x)
-        row = x.reshape(-1)
-        y = torch.mv(self.weight, row) if self.bias is None else torch.addmv(self.bias, self.weight, row)
+        kernels = cpu_kernels.for_input(x, self.weight)
+        if kernels is not None:
+            y = cpu_kernels.bf16_matmul(kernels, x, self.weight)
+            return (y if self.bias is None else y + self.bias.float()).to(x.dtype)
+        if x.numel() != self.in_features:
+            return super().forward(x)
+        # The bias is added apart: `torch.addmv` with a bf16 bias ran ~10x slower than `torch.mv` on an AVX2 (AMD
+        # EPYC) host, where `torch.mv` streams the weight at ~80% of the bandwidth (docs/benchmarks.md).
+        y = torch.mv(self.weight, x.reshape(-1))
+        if self.bias is not None:
+            y = y.add_(self.bias)
         return y.view(*x.shape[:-1], self.out_features)
 
 

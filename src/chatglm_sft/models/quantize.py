@@ -19,6 +19,8 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from chatglm_sft.models import cpu_kernels
+
 MODES = ("int8", "int4")
 _COMPUTE = torch.bfloat16
 
@@ -59,7 +61,11 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, shape[-1]).to(_COMPUTE), self.weight_int8, self.scale)
+        kernels = cpu_kernels.for_input(x, self.weight_int8)
+        if kernels is not None:
+            y = cpu_kernels.int8_matmul(kernels, x, self.weight_int8, self.scale.float())
+        else:
+            y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, shape[-1]).to(_COMPUTE), self.weight_int8, self.scale)
         y = y.reshape(*shape[:-1], self.out_features).to(x.dtype)
         return y if self.bias is None else y + self.bias.to(x.dtype)
 
@@ -96,7 +102,10 @@ def _unpack_portable(packed: torch.Tensor) -> torch.Tensor:
 
 
 class Int4Linear(nn.Module):
-    """Asymmetric int4 in groups of `group_size` input columns: w = (q - 8) * scale + zero (q in 0..15)."""
+    """Asymmetric int4 in groups of `group_size` input columns: w = (q - 8) * scale + zero (q in 0..15).
+
+    On the CPU with `cpu_kernels` built, the codes stay in the portable layout (`weight_uint4`), which those kernels
+    read for any number of rows; otherwise they are packed for PyTorch's kernel on their device (`weight_int4`)."""
 
     def __init__(
         self,
@@ -107,11 +116,11 @@ class Int4Linear(nn.Module):
         bias: bool = False,
     ):
         """From a float `linear`, or (`shape` = (out, in)) an empty module that a saved state fills (its codes come
-        in the portable layout and are packed for the device as they are loaded)."""
+        in the portable layout and are arranged for the device as they are loaded: `pack_loaded`)."""
         super().__init__()
         if linear is not None:
             q, scales_zeros = int4_codes(linear.weight, group_size)
-            self.register_buffer("weight_int4", _pack_int4(q))
+            self.register_buffer("weight_uint4", portable_int4(q))
             self.bias = _bias(linear)
         else:
             out_f, in_f = shape
@@ -121,21 +130,31 @@ class Int4Linear(nn.Module):
         self.register_buffer("scales_and_zeros", scales_zeros)
         self.group_size = group_size
         self.out_features, self.in_features = scales_zeros.shape[1], scales_zeros.shape[0] * group_size
+        if linear is not None:
+            self.pack_loaded()
 
     def pack_loaded(self) -> None:
-        """Codes loaded in the portable layout (`weight_uint4`) -> the layout of the kernel on their device."""
-        self.weight_int4 = _pack_int4(_unpack_portable(self.weight_uint4))
-        del self.weight_uint4
+        """Codes in the portable layout (`weight_uint4`) -> the layout of the kernel on their device."""
+        if self.weight_uint4.device.type != "cpu" or cpu_kernels.library() is None:
+            self.weight_int4 = _pack_int4(_unpack_portable(self.weight_uint4))
+            del self.weight_uint4
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        flat = x.reshape(-1, shape[-1]).to(_COMPUTE).contiguous()  # the kernel takes contiguous rows only
-        if self.weight_int4.device.type == "cpu":
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(
-                flat, self.weight_int4, self.group_size, self.scales_and_zeros
-            )
+        codes = getattr(self, "weight_uint4", None)
+        if codes is not None and (codes.device.type != "cpu" or cpu_kernels.library() is None):
+            self.pack_loaded()  # moved to another device since, or the kernels turned off: PyTorch's kernel
+            codes = None
+        if codes is not None:
+            y = cpu_kernels.int4_matmul(cpu_kernels.library(), x, codes, self.scales_and_zeros, self.group_size)
         else:
-            y = torch.ops.aten._weight_int4pack_mm(flat, self.weight_int4, self.group_size, self.scales_and_zeros)
+            flat = x.reshape(-1, shape[-1]).to(_COMPUTE).contiguous()  # the kernel takes contiguous rows only
+            if self.weight_int4.device.type == "cpu":
+                y = torch.ops.aten._weight_int4pack_mm_for_cpu(
+                    flat, self.weight_int4, self.group_size, self.scales_and_zeros
+                )
+            else:
+                y = torch.ops.aten._weight_int4pack_mm(flat, self.weight_int4, self.group_size, self.scales_and_zeros)
         y = y.reshape(*shape[:-1], self.out_features).to(x.dtype)
         return y if self.bias is None else y + self.bias.to(x.dtype)
 
@@ -211,7 +230,7 @@ def prepare_quantized(model: nn.Module, mode: str) -> nn.Module:
 
 
 def finish_quantized(model: nn.Module) -> nn.Module:
-    """Pack the int4 codes a `prepare_quantized` model was loaded with for its device's kernel, and give every
+    """Arrange the int4 codes a `prepare_quantized` model was loaded with for its device's kernel, and give every
     quantized buffer storage of its own: tensors read from a safetensors file may sit at any offset of the mapped
     file, and the packed kernels' vector loads crash on such misaligned int8 data."""
     for module in model.modules():

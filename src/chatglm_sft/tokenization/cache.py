@@ -19,15 +19,9 @@ import tokenizers
 import transformers
 from tokenizers import Tokenizer
 
+from chatglm_sft.cache import cache_root
 from chatglm_sft.families import Family
 from chatglm_sft.tokenization import fast
-
-
-def cache_root() -> Path:
-    """`$CHATGLM_SFT_CACHE`, else `$XDG_CACHE_HOME/chatglm-sft`, else `~/.cache/chatglm-sft`."""
-    if os.environ.get("CHATGLM_SFT_CACHE"):
-        return Path(os.environ["CHATGLM_SFT_CACHE"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "chatglm-sft"
 
 
 def entry_path(family: Family, model_file: Path) -> Path:

@@ -1,0 +1,139 @@
+"""Decoding-sized matrix products on the CPU for int8, int4 and bf16 weights (`cpu_kernels.cpp`), compiled on first
+use with the machine's C++ compiler and called through ctypes.
+
+Why not PyTorch's own kernels: on a 2-core AVX2 host (AMD EPYC, no AVX512) `_weight_int4pack_mm_for_cpu` streamed a
+13696×4096 int4 weight for one row at ~6 GB/s of the ~18 GB/s the machine reads, and bf16 `F.linear` computed 8 rows
+at 20 GFLOPS (float32: 100+), so int4 decoding ran at a third of its weight-read bound and bf16 batches of 8 barely
+faster than one row. These loops stream each weight row once for up to four rows of activations (docs/benchmarks.md
+has the figures). They are used for up to `MAX_ROWS` rows; prefill and larger batches keep PyTorch's kernels, except
+int4, whose codes are kept in one layout only (this kernel's, the saved one) so that the weights are not held twice.
+
+No compiler, a failed build, or `CHATGLM_SFT_CPU_KERNELS=0` leaves PyTorch's kernels in use (one warning says why).
+The library is cached in `cache_root()/kernels` (`~/.cache/chatglm-sft/kernels` by default), named by a hash of the
+source, the compiler, its flags and the CPU, so a home directory shared by different CPUs never loads another's build.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+from chatglm_sft.cache import cache_root
+
+logger = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
+FLAGS = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fopenmp"]
+MAX_ROWS = 8
+"""Rows up to which int8 and bf16 layers take these loops (a decoding batch); more rows take PyTorch's kernels."""
+
+
+def _cpu_signature() -> str:
+    """What `-march=native` depends on: the CPU's model and feature flags."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.processor() or platform.machine()
+    keep = [line for line in lines if line.startswith(("model name", "flags", "Features"))]
+    return "\n".join(sorted(set(keep)))
+
+
+def _build(compiler: str, target: Path) -> None:
+    """Compile into a temporary name and rename, so processes building at once never load a half-written file."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        partial = Path(tmp) / target.name
+        subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(partial)], check=True, capture_output=True, text=True)
+        os.replace(partial, target)
+
+
+@functools.cache
+def library() -> ctypes.CDLL | None:
+    """The compiled kernels, or None (with one warning) where they cannot be built or are turned off."""
+    if os.environ.get("CHATGLM_SFT_CPU_KERNELS", "1") == "0":
+        return None
+    compiler = shutil.which(os.environ.get("CXX", "c++"))
+    if compiler is None:
+        logger.warning("no C++ compiler found ($CXX or c++): int8/int4/bf16 decoding uses PyTorch's CPU kernels")
+        return None
+    key = hashlib.sha256("\n".join([SOURCE.read_text(), compiler, *FLAGS, _cpu_signature()]).encode()).hexdigest()
+    target = cache_root() / "kernels" / f"cpu_kernels-{key[:16]}.so"
+    try:
+        if not target.exists():
+            _build(compiler, target)
+        lib = ctypes.CDLL(str(target))
+    except (OSError, subprocess.CalledProcessError) as error:
+        detail = getattr(error, "stderr", "") or str(error)
+        logger.warning("building the CPU decoding kernels failed, using PyTorch's: %s", detail.strip()[-500:])
+        return None
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    lib.int8_matmul.argtypes = [ptr, i64, i64, ptr, ptr, i64, ptr, ctypes.c_int]
+    lib.int4_matmul.argtypes = [ptr, i64, i64, ptr, ptr, ptr, i64, i64, ptr, ctypes.c_int]
+    lib.bf16_matmul.argtypes = [ptr, i64, i64, ptr, i64, ptr, ctypes.c_int]
+    return lib
+
+
+def for_input(x: torch.Tensor, weight: torch.Tensor, max_rows: int | None = MAX_ROWS) -> ctypes.CDLL | None:
+    """The kernels if they should compute `x @ weight.T`: both on the CPU, the weight contiguous, at most `max_rows`
+    rows (None: any), and no gradient wanted (they have no backward)."""
+    if x.device.type != "cpu" or weight.device.type != "cpu" or not weight.is_contiguous():
+        return None
+    if max_rows is not None and x.numel() > max_rows * x.shape[-1]:
+        return None
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+        return None
+    return library()
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(-1, x.shape[-1]).float().contiguous()
+
+
+def int8_matmul(lib: ctypes.CDLL, x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x [..., in] @ (codes int8 [out, in] * scale float32 [out, 1]).T, in float32."""
+    rows = _rows(x)
+    y = torch.empty(rows.shape[0], codes.shape[0])
+    lib.int8_matmul(
+        rows.data_ptr(), rows.shape[0], rows.shape[1], codes.data_ptr(), scale.data_ptr(), codes.shape[0],
+        y.data_ptr(), torch.get_num_threads(),
+    )  # fmt: skip
+    return y.reshape(*x.shape[:-1], codes.shape[0])
+
+
+def bf16_matmul(lib: ctypes.CDLL, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x [..., in] @ weight (bf16 [out, in], contiguous).T, in float32."""
+    rows = _rows(x)
+    y = torch.empty(rows.shape[0], weight.shape[0])
+    lib.bf16_matmul(
+        rows.data_ptr(), rows.shape[0], rows.shape[1], weight.data_ptr(), weight.shape[0], y.data_ptr(),
+        torch.get_num_threads(),
+    )  # fmt: skip
+    return y.reshape(*x.shape[:-1], weight.shape[0])
+
+
+def int4_matmul(
+    lib: ctypes.CDLL, x: torch.Tensor, codes: torch.Tensor, scale_zero: torch.Tensor, group: int
+) -> torch.Tensor:
+    """x [..., in] @ w.T, in float32, for w = (q - 8) * scale + zero per group of `group` inputs (a multiple of 16):
+    `codes` uint8 [out, in / 2] (the even column in the high nibble), `scale_zero` bf16 [in / group, out, 2]."""
+    rows = _rows(x)
+    count, width = rows.shape
+    # The kernel unpacks 8 bytes into the 8 even columns, then the 8 odd ones, of 16: x is laid out to match.
+    permuted = rows.view(count, width // 16, 8, 2).transpose(2, 3).contiguous()
+    group_sums = rows.view(count, width // group, group).sum(-1).contiguous()
+    y = torch.empty(count, codes.shape[0])
+    lib.int4_matmul(
+        permuted.data_ptr(), count, width, codes.data_ptr(), scale_zero.data_ptr(), group_sums.data_ptr(), group,
+        codes.shape[0], y.data_ptr(), torch.get_num_threads(),
+    )  # fmt: skip
+    return y.reshape(*x.shape[:-1], codes.shape[0])

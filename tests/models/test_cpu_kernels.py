@@ -1,0 +1,138 @@
+"""The compiled CPU decoding kernels (`chatglm_sft.models.cpu_kernels`): products equal to float64 ones for int8,
+int4 and bf16 weights at odd shapes and row counts, each row independent of the others in a batch, the quantized and
+bf16 layers routed through them for decoding-sized inputs, and PyTorch's kernels when they cannot be built."""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+import pytest
+import torch
+from torch import nn
+
+from chatglm_sft.models import cpu_kernels
+from chatglm_sft.models.matvec import MatVecLinear, use_matvec_kernels
+from chatglm_sft.models.quantize import Int4Linear, Int8Linear, int4_codes, int8_codes, portable_int4
+
+
+@pytest.fixture(scope="module")
+def kernels():
+    lib = cpu_kernels.library()
+    if lib is None:
+        pytest.skip("no C++ compiler here: the CPU kernels cannot be built (PyTorch's kernels are used instead)")
+    return lib
+
+
+def dequantized_int4(q: torch.Tensor, scales_zeros: torch.Tensor, group: int) -> torch.Tensor:
+    out_f, in_f = q.shape
+    scale = scales_zeros[..., 0].double().t()[..., None]
+    zero = scales_zeros[..., 1].double().t()[..., None]
+    return ((q.double() - 8).view(out_f, in_f // group, group) * scale + zero).view(out_f, in_f)
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 8, 11])
+@pytest.mark.parametrize("out_f,in_f", [(48, 64), (37, 50), (24, 200)])
+def test_int8_and_bf16_equal_float64(kernels, rows, out_f, in_f):
+    torch.manual_seed(rows * out_f + in_f)
+    w = torch.randn(out_f, in_f)
+    x = torch.randn(2, rows, in_f)
+    q, scale = int8_codes(w)
+    exact = x.double() @ (q.double() * scale.double()[:, None]).T
+    got = cpu_kernels.int8_matmul(kernels, x, q, scale.float())
+    assert got.shape == (2, rows, out_f) and got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), exact, rtol=1e-5, atol=1e-5 * exact.abs().max().item())
+    wb = w.bfloat16()
+    exact = x.double() @ wb.double().T
+    got = cpu_kernels.bf16_matmul(kernels, x, wb)
+    torch.testing.assert_close(got.double(), exact, rtol=1e-5, atol=1e-5 * exact.abs().max().item())
+
+
+@pytest.mark.parametrize("rows", [1, 2, 5])
+@pytest.mark.parametrize("group", [32, 64, 128])
+def test_int4_equals_float64(kernels, rows, group):
+    torch.manual_seed(rows + group)
+    w = torch.randn(40, 256)
+    q, scales_zeros = int4_codes(w, group)
+    x = torch.randn(rows, 256)
+    exact = x.double() @ dequantized_int4(q, scales_zeros, group).T
+    got = cpu_kernels.int4_matmul(kernels, x, portable_int4(q), scales_zeros, group)
+    torch.testing.assert_close(got.double(), exact, rtol=1e-5, atol=1e-5 * exact.abs().max().item())
+
+
+def test_a_row_gets_the_same_bits_alone_and_in_a_batch(kernels):
+    torch.manual_seed(0)
+    w = torch.randn(64, 256)
+    x = torch.randn(7, 256)
+    q, scale = int8_codes(w)
+    q4, scales_zeros = int4_codes(w, 64)
+    products = {
+        "int8": lambda rows: cpu_kernels.int8_matmul(kernels, rows, q, scale.float()),
+        "int4": lambda rows: cpu_kernels.int4_matmul(kernels, rows, portable_int4(q4), scales_zeros, 64),
+        "bf16": lambda rows: cpu_kernels.bf16_matmul(kernels, rows, w.bfloat16()),
+    }
+    for name, product in products.items():
+        batch = product(x)
+        for i in range(len(x)):
+            assert torch.equal(batch[i], product(x[i : i + 1])[0]), name
+
+
+def test_layers_route_decoding_rows_through_the_kernels(kernels, monkeypatch):
+    torch.manual_seed(1)
+    linear = nn.Linear(128, 96, bias=True)
+    fast = nn.Sequential(copy.deepcopy(linear).to(torch.bfloat16))
+    assert use_matvec_kernels(fast) == 1
+    layers = {"int8": Int8Linear(linear), "int4": Int4Linear(linear, 64), "bf16": fast[0]}
+    assert isinstance(layers["bf16"], MatVecLinear) and hasattr(layers["int4"], "weight_uint4")
+    calls = []
+    for name in ("int8_matmul", "int4_matmul", "bf16_matmul"):
+        original = getattr(cpu_kernels, name)
+        monkeypatch.setattr(cpu_kernels, name, lambda *a, _f=original, _n=name: calls.append(_n) or _f(*a))
+    for name, layer in layers.items():
+        dtype = torch.bfloat16 if name == "bf16" else torch.float32
+        decode, prefill = torch.randn(1, 3, 128, dtype=dtype), torch.randn(2, 9, 128, dtype=dtype)
+        with torch.no_grad():
+            calls.clear()
+            layer(decode)
+            assert calls == [f"{name}_matmul"], name
+            calls.clear()
+            layer(prefill)  # 18 rows: int4 keeps the kernel (one layout), the others take PyTorch's
+            assert calls == (["int4_matmul"] if name == "int4" else []), name
+
+
+def test_without_a_compiler_pytorch_kernels_serve(monkeypatch, caplog, tmp_path):
+    monkeypatch.setenv("CHATGLM_SFT_CACHE", str(tmp_path))
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    cpu_kernels.library.cache_clear()
+    try:
+        with caplog.at_level(logging.WARNING, logger=cpu_kernels.__name__):
+            assert cpu_kernels.library() is None
+        assert "no C++ compiler" in caplog.text
+        torch.manual_seed(2)
+        linear = nn.Linear(128, 64)
+        layer = Int4Linear(linear, 64)
+        assert not hasattr(layer, "weight_uint4") and hasattr(layer, "weight_int4")
+        x = torch.randn(1, 128)
+        q, scales_zeros = int4_codes(linear.weight, 64)
+        exact = x.double() @ dequantized_int4(q, scales_zeros, 64).T + linear.bias.double()
+        with torch.no_grad():
+            got = layer(x)
+        assert (got.double() - exact).abs().max() < 0.05 * exact.abs().max()  # bf16 activations in PyTorch's kernel
+    finally:
+        cpu_kernels.library.cache_clear()
+
+
+def test_a_failed_build_is_reported_and_not_used(monkeypatch, caplog, tmp_path):
+    compiler = tmp_path / "c++"
+    compiler.write_text("#!/bin/sh\necho 'error: this compiler fails' >&2\nexit 1\n")
+    compiler.chmod(0o755)
+    monkeypatch.setenv("CHATGLM_SFT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("CXX", str(compiler))
+    cpu_kernels.library.cache_clear()
+    try:
+        with caplog.at_level(logging.WARNING, logger=cpu_kernels.__name__):
+            assert cpu_kernels.library() is None
+        assert "this compiler fails" in caplog.text
+        assert not list((tmp_path / "cache").rglob("*.so"))
+    finally:
+        cpu_kernels.library.cache_clear()
