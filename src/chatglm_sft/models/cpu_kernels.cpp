@@ -9,7 +9,6 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
-#include <type_traits>
 #ifdef __AVX2__
 #include <immintrin.h>
 #endif
@@ -33,106 +32,127 @@ inline float hsum(__m256 v) {
   return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
 }
 
-// 16 weights as two vectors of 8: int8 and bf16 in column order; int4 (8 bytes) as the even columns (high nibbles)
-// then the odd ones (low nibbles), which is why int4's x is permuted the same way before the call.
-inline void load16(const int8_t* w, int64_t k, float, __m256& a, __m256& b) {
+// 16 weights, in column order, as two vectors of 8.
+inline void load16(const int8_t* w, int64_t k, __m256& a, __m256& b) {
   a = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(w + k))));
   b = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(w + k + 8))));
 }
-inline void load16(const uint16_t* w, int64_t k, float, __m256& a, __m256& b) {
+inline void load16(const uint16_t* w, int64_t k, __m256& a, __m256& b) {
   __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + k));
   a = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm256_castsi256_si128(v)), 16));
   b = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm256_extracti128_si256(v, 1)), 16));
 }
-inline void load16(const uint8_t* w, int64_t k, float scale, __m256& a, __m256& b) {  // int4 codes times the scale
-  __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(w + k / 2)));
-  const __m256 s = _mm256_set1_ps(scale);
-  a = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(v, 4)), s);
-  b = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_and_si256(v, _mm256_set1_epi32(15))), s);
-}
 #endif
 
-// The weight at position j (0..15) of the 16 from column k, in the same order as `load16`.
-inline float weight_at(const int8_t* w, int64_t k, int j, float) { return float(w[k + j]); }
-inline float weight_at(const uint16_t* w, int64_t k, int j, float) { return bf16_to_float(w[k + j]); }
-inline float weight_at(const uint8_t* w, int64_t k, int j, float scale) {
-  const uint8_t byte = w[k / 2 + j % 8];
-  return float(j < 8 ? byte >> 4 : byte & 15) * scale;
-}
+inline float weight_at(const int8_t* w, int64_t k) { return float(w[k]); }
+inline float weight_at(const uint16_t* w, int64_t k) { return bf16_to_float(w[k]); }
 
-// dot[m] = sum_k x[m, k] * w[k] * scale(k) for m < ROWS, with `scale(k)` 1 except for int4 (its group's scale).
-// Each row keeps four sums in flight (32 columns a step), so the adds' latency does not limit one row; two rows fit
-// the 16 vector registers. A row is summed in the same order however many rows come with it.
-template <int ROWS, typename W, typename Scale>
-inline void row_dot(const float* x, int64_t in, const W* w, Scale scale, float* dot) {
-  constexpr int kSteps = 2;  // 16 columns each
-  constexpr int kAcc = 4;
+// dot[m] = sum_k x[m, k] * w[k] for m < ROWS (int8 or bf16 w). Each row keeps four sums in flight (32 columns a
+// step), so the adds' latency does not limit one row; two rows fit the 16 vector registers. A row is summed in the
+// same order however many rows come with it.
+template <int ROWS, typename W>
+inline void row_dot(const float* x, int64_t in, const W* w, float* dot) {
   int64_t k = 0;
 #ifdef __AVX2__
-  __m256 acc[ROWS][kAcc];
+  __m256 acc[ROWS][4];
   for (int m = 0; m < ROWS; ++m)
-    for (int i = 0; i < kAcc; ++i) acc[m][i] = _mm256_setzero_ps();
-  for (; k + 16 * kSteps <= in; k += 16 * kSteps) {
-    const float s = scale(k);
-    __m256 wv[2 * kSteps];
-    for (int u = 0; u < kSteps; ++u) load16(w, k + 16 * u, s, wv[2 * u], wv[2 * u + 1]);
+    for (int i = 0; i < 4; ++i) acc[m][i] = _mm256_setzero_ps();
+  for (; k + 32 <= in; k += 32) {
+    __m256 wv[4];
+    load16(w, k, wv[0], wv[1]);
+    load16(w, k + 16, wv[2], wv[3]);
     for (int m = 0; m < ROWS; ++m)
-      for (int v = 0; v < 2 * kSteps; ++v)
-        acc[m][v % kAcc] = _mm256_fmadd_ps(wv[v], _mm256_loadu_ps(x + m * in + k + 8 * v), acc[m][v % kAcc]);
+      for (int v = 0; v < 4; ++v)
+        acc[m][v] = _mm256_fmadd_ps(wv[v], _mm256_loadu_ps(x + m * in + k + 8 * v), acc[m][v]);
   }
-  for (int m = 0; m < ROWS; ++m) {
-    __m256 sum = acc[m][0];
-    for (int i = 1; i < kAcc; ++i) sum = _mm256_add_ps(sum, acc[m][i]);
-    dot[m] = hsum(sum);
-  }
+  for (int m = 0; m < ROWS; ++m)
+    dot[m] = hsum(_mm256_add_ps(_mm256_add_ps(acc[m][0], acc[m][1]), _mm256_add_ps(acc[m][2], acc[m][3])));
 #else
   for (int m = 0; m < ROWS; ++m) dot[m] = 0;
 #endif
-  for (; k < in; k += 16) {  // the rest (or everything, without AVX2): int4 rows are a multiple of 16 wide
-    const float s = scale(k);
-    for (int j = 0; j < 16 && k + j < in; ++j) {
-      const float wf = weight_at(w, k, j, s);
-      for (int m = 0; m < ROWS; ++m) dot[m] += wf * x[m * in + k + j];
-    }
+  for (; k < in; ++k) {  // the rest (or everything, without AVX2)
+    const float wf = weight_at(w, k);
+    for (int m = 0; m < ROWS; ++m) dot[m] += wf * x[m * in + k];
   }
 }
 
 struct Problem {
-  const float* x;  // [rows, in]; for int4, each 16 columns as its 8 even then its 8 odd ones
+  const float* x;  // [rows, in] (int8, bf16)
   int64_t rows, in, out;
   const void* w;              // int8 [out, in] | uint8 [out, in / 2] | bf16 [out, in]
   const float* scale;         // int8: [out]
-  const uint16_t* scale_zero; // int4: bf16 [in / group, out, 2] (PyTorch's layout; a block of rows shares lines)
+  const uint16_t* scale_zero; // int4: bf16 [out, in / group, 2]
   const float* group_sums;    // int4: [rows, in / group], the sum of x over each group
-  int64_t group;  // int4: a power of two, at least 32
-  float* y;  // [rows, out]
+  int64_t group;              // int4: a power of two, at least 32
+  const int8_t* xq;           // int4: x in int8, [rows, in], each block of 32 as its even then its odd columns
+  const float* xscale;        // int4: [rows, in / 32], x ~ xq * xscale
+  float* y;                   // [rows, out]
 };
-
-constexpr auto kNoScale = [](int64_t) { return 1.0f; };
 
 template <int ROWS>
 void int8_row(const Problem& p, const float* x, int64_t m0, int64_t o) {
   float dot[ROWS];
-  row_dot<ROWS>(x, p.in, static_cast<const int8_t*>(p.w) + o * p.in, kNoScale, dot);
+  row_dot<ROWS>(x, p.in, static_cast<const int8_t*>(p.w) + o * p.in, dot);
   for (int m = 0; m < ROWS; ++m) p.y[(m0 + m) * p.out + o] = dot[m] * p.scale[o];
 }
 
 template <int ROWS>
 void bf16_row(const Problem& p, const float* x, int64_t m0, int64_t o) {
   float dot[ROWS];
-  row_dot<ROWS>(x, p.in, static_cast<const uint16_t*>(p.w) + o * p.in, kNoScale, dot);
+  row_dot<ROWS>(x, p.in, static_cast<const uint16_t*>(p.w) + o * p.in, dot);
   for (int m = 0; m < ROWS; ++m) p.y[(m0 + m) * p.out + o] = dot[m];
 }
 
-// w = (q - 8) * scale + zero per group, so y = sum_k q_k scale_k x_k + sum_g (zero_g - 8 scale_g) * sum_g(x).
+// w = (q - 8) * scale + zero per group, so y = sum_k q_k scale_g(k) x_k + sum_g (zero_g - 8 scale_g) * sum_g(x).
+// The first sum takes x quantized to int8 in blocks of 32 (`xq`, one scale each: `xscale`), as chatglm.cpp (ggml's
+// q4_0 x q8_0) does: a block's 32 products add up exactly in integers (maddubs: 2 * 15 * 127 fits in int16), so a
+// block costs a few instructions instead of 32 conversions to float. Each block of x is laid out as its 16 even
+// columns, then its 16 odd ones, the order in which the codes' high and low nibbles unpack.
 template <int ROWS>
-void int4_row(const Problem& p, const float* x, int64_t m0, int64_t o) {
-  const int64_t groups = p.in / p.group, stride = 2 * p.out;  // scale_zero is [groups, out, 2]
-  const uint16_t* sz = p.scale_zero + 2 * o;
-  const int shift = __builtin_ctzll(uint64_t(p.group));  // a power of two: a shift, not a division, per step
+void int4_row(const Problem& p, const float*, int64_t m0, int64_t o) {
+  const int64_t groups = p.in / p.group, blocks = p.in / 32, stride = 2;  // scale_zero: [out, groups, 2]
+  const uint16_t* sz = p.scale_zero + 2 * groups * o;
+  const uint8_t* w = static_cast<const uint8_t*>(p.w) + o * (p.in / 2);
+  const int shift = __builtin_ctzll(uint64_t(p.group)) - 5;  // block -> group: a shift (groups are powers of two)
+  const int8_t* xq = p.xq + m0 * p.in;
+  const float* xs = p.xscale + m0 * blocks;
   float dot[ROWS];
-  row_dot<ROWS>(x, p.in, static_cast<const uint8_t*>(p.w) + o * (p.in / 2),
-                [sz, shift, stride](int64_t k) { return bf16_to_float(sz[(k >> shift) * stride]); }, dot);
+#ifdef __AVX2__
+  __m256 acc[ROWS][2];
+  for (int m = 0; m < ROWS; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_ps();
+  const __m128i nibble = _mm_set1_epi8(15);
+  const __m256i ones = _mm256_set1_epi16(1);
+  auto step = [&](int64_t b, int a) {
+    const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + 16 * b));
+    const __m256i q = _mm256_set_m128i(_mm_and_si128(v, nibble), _mm_and_si128(_mm_srli_epi16(v, 4), nibble));
+    const float scale = bf16_to_float(sz[(b >> shift) * stride]);
+    for (int m = 0; m < ROWS; ++m) {
+      const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + m * p.in + 32 * b));
+      const __m256 sums = _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(q, x), ones));
+      acc[m][a] = _mm256_fmadd_ps(sums, _mm256_set1_ps(scale * xs[m * blocks + b]), acc[m][a]);
+    }
+  };
+  int64_t b = 0;
+  for (; b + 2 <= blocks; b += 2) {  // two sums in flight per row
+    step(b, 0);
+    step(b + 1, 1);
+  }
+  if (b < blocks) step(b, 0);
+  for (int m = 0; m < ROWS; ++m) dot[m] = hsum(_mm256_add_ps(acc[m][0], acc[m][1]));
+#else
+  for (int m = 0; m < ROWS; ++m) dot[m] = 0;
+  for (int64_t b = 0; b < blocks; ++b) {
+    const float scale = bf16_to_float(sz[(b >> shift) * stride]);
+    for (int m = 0; m < ROWS; ++m) {
+      int32_t sum = 0;
+      for (int j = 0; j < 16; ++j) {
+        const uint8_t byte = w[16 * b + j];
+        sum += (byte >> 4) * xq[m * p.in + 32 * b + j] + (byte & 15) * xq[m * p.in + 32 * b + 16 + j];
+      }
+      dot[m] += float(sum) * scale * xs[m * blocks + b];
+    }
+  }
+#endif
   for (int64_t g = 0; g < groups; ++g) {
     const float scale = bf16_to_float(sz[g * stride]), offset = bf16_to_float(sz[g * stride + 1]) - 8 * scale;
     for (int m = 0; m < ROWS; ++m) dot[m] += offset * p.group_sums[(m0 + m) * groups + g];
@@ -180,18 +200,19 @@ extern "C" {
 
 void int8_matmul(const float* x, int64_t rows, int64_t in, const int8_t* q, const float* scale, int64_t out, float* y,
                  int threads) {
-  Problem p{x, rows, in, out, q, scale, nullptr, nullptr, 0, y};
+  Problem p{x, rows, in, out, q, scale, nullptr, nullptr, 0, nullptr, nullptr, y};
   run<Int8Row>(p, threads);
 }
 
-void int4_matmul(const float* x, int64_t rows, int64_t in, const uint8_t* codes, const uint16_t* scale_zero,
-                 const float* group_sums, int64_t group, int64_t out, float* y, int threads) {
-  Problem p{x, rows, in, out, codes, nullptr, scale_zero, group_sums, group, y};
+void int4_matmul(const int8_t* xq, const float* xscale, int64_t rows, int64_t in, const uint8_t* codes,
+                 const uint16_t* scale_zero, const float* group_sums, int64_t group, int64_t out, float* y,
+                 int threads) {
+  Problem p{nullptr, rows, in, out, codes, nullptr, scale_zero, group_sums, group, xq, xscale, y};
   run<Int4Row>(p, threads);
 }
 
 void bf16_matmul(const float* x, int64_t rows, int64_t in, const uint16_t* w, int64_t out, float* y, int threads) {
-  Problem p{x, rows, in, out, w, nullptr, nullptr, nullptr, 0, y};
+  Problem p{x, rows, in, out, w, nullptr, nullptr, nullptr, 0, nullptr, nullptr, y};
   run<Bf16Row>(p, threads);
 }
 

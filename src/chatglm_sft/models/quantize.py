@@ -138,6 +138,12 @@ class Int4Linear(nn.Module):
         if self.weight_uint4.device.type != "cpu" or cpu_kernels.library() is None:
             self.weight_int4 = _pack_int4(_unpack_portable(self.weight_uint4))
             del self.weight_uint4
+            self.__dict__["_buffers"].pop("scale_zero_rows", None)
+        elif not hasattr(self, "scale_zero_rows"):
+            # The CPU kernel reads a row's scales together; kept beside `scales_and_zeros` (the saved layout, 1/32
+            # of the codes' size), not in the state dict.
+            rows = self.scales_and_zeros.transpose(0, 1).contiguous()
+            self.register_buffer("scale_zero_rows", rows, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -146,7 +152,7 @@ class Int4Linear(nn.Module):
             self.pack_loaded()  # moved to another device since, or the kernels turned off: PyTorch's kernel
             codes = None
         if codes is not None:
-            y = cpu_kernels.int4_matmul(cpu_kernels.library(), x, codes, self.scales_and_zeros, self.group_size)
+            y = cpu_kernels.int4_matmul(cpu_kernels.library(), x, codes, self.scale_zero_rows, self.group_size)
         else:
             flat = x.reshape(-1, shape[-1]).to(_COMPUTE).contiguous()  # the kernel takes contiguous rows only
             if self.weight_int4.device.type == "cpu":
