@@ -137,8 +137,8 @@ def int4_matmul(
 ) -> torch.Tensor:
     """x [..., in] @ w.T, in float32, for w = (q - 8) * scale + zero per group of `group` inputs (a power of two, at
     least 32): `codes` uint8 [out, in / 2] (the even column in the high nibble), `scale_zero` bf16 [out, in / group,
-    2] (by row: PyTorch's [in / group, out, 2] makes each row read 2 bytes from every one of its groups' far-apart
-    lines, which halved the speed). x enters the codes' products quantized to int8 in blocks of 32 (`int8_blocks`) and the zero points' exactly."""
+    2] (by row: PyTorch's [in / group, out, 2] makes each row read a little from many far-apart lines, which slowed
+    it). x enters the codes' products quantized to int8 in blocks of 32 (`int8_blocks`), the zero points' exactly."""
     rows = _rows(x)
     count, width = rows.shape
     x_codes, x_scales = int8_blocks(rows)
