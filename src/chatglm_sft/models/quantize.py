@@ -1,15 +1,17 @@
 """Weight-only int8 / int4 quantization of the linear layers, for inference.
 
-Both use PyTorch's own packed-weight kernels (the ones gpt-fast made known): `_weight_int8pack_mm` (int8 weights,
-one scale per output channel) and `_weight_int4pack_mm[_for_cpu]` (int4 weights in groups along the input, a
-scale and a zero point per group). Activations go in as bfloat16, the dtype those kernels are fast in, and come
-out in the model's dtype. The output layer is quantized too (as chatglm.cpp does): at batch 1 decoding reads every
-weight once per token, and the 65k-151k-entry output layer is a large share of them. The embeddings stay in full
-precision: a lookup reads one row per token.
+int8 weights have one scale per output channel, int4 weights a scale and a zero point per group along the input.
+On the CPU, decoding-sized inputs go through `cpu_kernels` (ours, compiled on first use; int4 at any size, with its
+codes in the portable layout); otherwise PyTorch's packed-weight kernels (the ones gpt-fast made known) run:
+`_weight_int8pack_mm` and `_weight_int4pack_mm[_for_cpu]`, with activations in bfloat16, the dtype they are fast in.
+Results come out in the model's dtype. The output layer is quantized too (as chatglm.cpp does): at batch 1
+decoding reads every weight once per token, and the 65k-151k-entry output layer is a large share of them. The
+embeddings stay in full precision: a lookup reads one row per token.
 
 A quantized model can be saved (`quantized_state`) and loaded back without quantizing again (`prepare_quantized`
 before the tensors are assigned, `finish_quantized` after): int4 codes are saved in a portable layout
-(`weight_uint4`: two codes a byte, the even column in the high nibble) and packed for the device's kernel at load.
+(`weight_uint4`: two codes a byte, the even column in the high nibble), which the CPU kernels read as they are
+and which is packed for PyTorch's kernel elsewhere.
 """
 
 from __future__ import annotations
