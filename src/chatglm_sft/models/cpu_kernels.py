@@ -78,7 +78,7 @@ def library() -> ctypes.CDLL | None:
         return None
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     lib.int8_matmul.argtypes = [ptr, i64, i64, ptr, ptr, i64, ptr, ctypes.c_int]
-    lib.int4_matmul.argtypes = [ptr, ptr, i64, i64, ptr, ptr, ptr, i64, i64, ptr, ctypes.c_int]
+    lib.int4_matmul.argtypes = [ptr, i64, i64, ptr, ptr, i64, i64, ptr, ctypes.c_int]
     lib.bf16_matmul.argtypes = [ptr, i64, i64, ptr, i64, ptr, ctypes.c_int]
     return lib
 
@@ -121,31 +121,18 @@ def bf16_matmul(lib: ctypes.CDLL, x: torch.Tensor, weight: torch.Tensor) -> torc
     return y.reshape(*x.shape[:-1], weight.shape[0])
 
 
-def int8_blocks(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Float32 rows [count, in] as int4_matmul's kernel takes them: each block of 32 columns reordered as its 16 even,
-    then its 16 odd columns, and quantized to int8 with one scale per block: (codes [count, in], scales [count, in /
-    32]), rows ~ codes * scales (in that order)."""
-    count, width = rows.shape
-    blocks = rows.view(count, width // 32, 16, 2).transpose(2, 3).reshape(count, width // 32, 32)
-    scales = blocks.abs().amax(-1) / 127
-    codes = (blocks / scales.clamp(min=torch.finfo(torch.float32).tiny)[..., None]).round().to(torch.int8)
-    return codes.reshape(count, width).contiguous(), scales.contiguous()
-
-
 def int4_matmul(
     lib: ctypes.CDLL, x: torch.Tensor, codes: torch.Tensor, scale_zero: torch.Tensor, group: int
 ) -> torch.Tensor:
-    """x [..., in] @ w.T, in float32, for w = (q - 8) * scale + zero per group of `group` inputs (a power of two, at
-    least 32): `codes` uint8 [out, in / 2] (the even column in the high nibble), `scale_zero` bf16 [out, in / group,
-    2] (by row: PyTorch's [in / group, out, 2] makes each row read a little from many far-apart lines, which slowed
-    it). x enters the codes' products quantized to int8 in blocks of 32 (`int8_blocks`), the zero points' exactly."""
+    """x [..., in] @ w.T, in float32, for w = (q - 8) * scale + zero per group of `group` inputs (a multiple of 32):
+    `codes` uint8 [out, in / 2] (the even column in the high nibble), `scale_zero` bf16 [out, in / group, 2] (by row:
+    PyTorch's [in / group, out, 2] makes each row read a little from many far-apart lines, which slowed it). The
+    kernel multiplies the codes with x quantized to int16 per group (steps of 2^-15 of the group's largest value)
+    and the zero points with x's exact group sums."""
     rows = _rows(x)
-    count, width = rows.shape
-    x_codes, x_scales = int8_blocks(rows)
-    group_sums = rows.view(count, width // group, group).sum(-1).contiguous()
-    y = torch.empty(count, codes.shape[0])
+    y = torch.empty(rows.shape[0], codes.shape[0])
     lib.int4_matmul(
-        x_codes.data_ptr(), x_scales.data_ptr(), count, width, codes.data_ptr(), scale_zero.data_ptr(),
-        group_sums.data_ptr(), group, codes.shape[0], y.data_ptr(), torch.get_num_threads(),
+        rows.data_ptr(), rows.shape[0], rows.shape[1], codes.data_ptr(), scale_zero.data_ptr(), group, codes.shape[0],
+        y.data_ptr(), torch.get_num_threads(),
     )  # fmt: skip
     return y.reshape(*x.shape[:-1], codes.shape[0])

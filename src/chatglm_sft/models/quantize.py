@@ -140,7 +140,8 @@ class Int4Linear(nn.Module):
         if self.weight_uint4.device.type != "cpu" or cpu_kernels.library() is None:
             self.weight_int4 = _pack_int4(_unpack_portable(self.weight_uint4))
             del self.weight_uint4
-            self.__dict__["_buffers"].pop("scale_zero_rows", None)
+            if hasattr(self, "scale_zero_rows"):
+                del self.scale_zero_rows
         elif not hasattr(self, "scale_zero_rows"):
             # The CPU kernel reads a row's scales together; kept beside `scales_and_zeros` (the saved layout, 1/32
             # of the codes' size), not in the state dict.
