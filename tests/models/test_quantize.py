@@ -62,6 +62,9 @@ def test_quantized_model_keeps_the_adapters_effect(tmp_path, tiny_checkpoint, mo
     from peft import LoraConfig, get_peft_model
 
     folder = tiny_checkpoint("chatglm2-6b")
+    # The adapter is random: over seeds 0-7 the int4 error is 18-34% of its effect (the same with PyTorch's int4
+    # kernel and ours), so an unseeded draw made the result depend on which tests ran before in the process.
+    torch.manual_seed(0)
     peft_model = get_peft_model(
         chatglm_sft.load_model(folder, dtype=torch.float32), LoraConfig(r=4, target_modules=["q_proj", "v_proj"])
     )
