@@ -179,9 +179,19 @@ void run_block(const Problem& p, int64_t begin, int64_t end) {
   }
 }
 
-template <int R> struct Int8Row { static void run(const Problem& p, const float* x, int64_t m, int64_t o) { int8_row<R>(p, x, m, o); } };
-template <int R> struct Int4Row { static void run(const Problem& p, const float* x, int64_t m, int64_t o) { int4_row<R>(p, x, m, o); } };
-template <int R> struct Bf16Row { static void run(const Problem& p, const float* x, int64_t m, int64_t o) { bf16_row<R>(p, x, m, o); } };
+// `run_block` picks a row function by the number of rows in a tile; these wrap each kernel's for it.
+template <int R>
+struct Int8Row {
+  static void run(const Problem& p, const float* x, int64_t m, int64_t o) { int8_row<R>(p, x, m, o); }
+};
+template <int R>
+struct Int4Row {
+  static void run(const Problem& p, const float* x, int64_t m, int64_t o) { int4_row<R>(p, x, m, o); }
+};
+template <int R>
+struct Bf16Row {
+  static void run(const Problem& p, const float* x, int64_t m, int64_t o) { bf16_row<R>(p, x, m, o); }
+};
 
 // Splits the outputs into `threads` slices of whole blocks, one per OpenMP thread. OpenMP, not threads of our own:
 // the library links the libgomp PyTorch has loaded, so these run on PyTorch's workers, which otherwise keep spinning
