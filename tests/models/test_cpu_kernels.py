@@ -57,8 +57,8 @@ def quantized_x(x: torch.Tensor, group: int) -> torch.Tensor:
     return ((groups * inverse).round().double() * (largest / 32767).double()).view(x.shape)
 
 
-@pytest.mark.parametrize("rows", [1, 2, 5])
-@pytest.mark.parametrize("group,in_f", [(32, 96), (64, 256), (128, 256)])
+@pytest.mark.parametrize("rows", [1, 2, 5, 8, 11])
+@pytest.mark.parametrize("group,in_f", [(32, 96), (64, 256), (128, 256), (128, 1408)])
 def test_int4_equals_float64(kernels, rows, group, in_f):
     torch.manual_seed(rows + group)
     w = torch.randn(40, in_f)
@@ -95,6 +95,30 @@ def test_a_row_gets_the_same_bits_alone_and_in_a_batch(kernels):
         batch = product(x)
         for i in range(len(x)):
             assert torch.equal(batch[i], product(x[i : i + 1])[0]), name
+
+
+def test_plain_loops_equal_the_vector_ones(kernels, monkeypatch, tmp_path):
+    """The same file compiled without AVX2 (the loops other CPUs run) gives the same products."""
+    monkeypatch.setenv("CHATGLM_SFT_CACHE", str(tmp_path))
+    monkeypatch.setattr(cpu_kernels, "FLAGS", [*cpu_kernels.FLAGS, "-mno-avx2", "-mno-fma"])
+    cpu_kernels.library.cache_clear()
+    try:
+        plain = cpu_kernels.library()
+    finally:
+        cpu_kernels.library.cache_clear()
+    assert plain is not None and plain is not kernels
+    torch.manual_seed(3)
+    w, x = torch.randn(24, 160), torch.randn(9, 160)
+    q, scale = int8_codes(w)
+    q4, scales_zeros = int4_codes(w, 32)
+    by_row = scales_zeros.transpose(0, 1).contiguous()
+    for product in (
+        lambda lib: cpu_kernels.int8_matmul(lib, x, q, scale.float()),
+        lambda lib: cpu_kernels.int4_matmul(lib, x, portable_int4(q4), by_row, 32),
+        lambda lib: cpu_kernels.bf16_matmul(lib, x, w.bfloat16()),
+    ):
+        expected = product(kernels)
+        torch.testing.assert_close(product(plain), expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
 
 
 def test_layers_route_decoding_rows_through_the_kernels(kernels, monkeypatch):

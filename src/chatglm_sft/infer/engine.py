@@ -16,7 +16,7 @@ from transformers.cache_utils import DynamicCache
 
 from chatglm_sft.batches import left_pad_ids
 from chatglm_sft.families import Family, get_family
-from chatglm_sft.infer.sampling import SamplingParams, next_tokens
+from chatglm_sft.infer.sampling import SamplingParams, most_likely, next_tokens
 from chatglm_sft.models.architectures import architecture_of
 from chatglm_sft.models.matvec import use_matvec_kernels
 from chatglm_sft.tools import decode_reply, parse_reply
@@ -271,7 +271,7 @@ def _row_sampler(rows: list[SamplingParams], device):
 
     def pick(logits: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
         if plain:
-            return logits.argmax(-1)
+            return most_likely(logits)
         return torch.cat(
             [next_tokens(logits[i : i + 1], p, seen[i : i + 1], generators[i]) for i, p in enumerate(rows)]
         )

@@ -80,6 +80,19 @@ def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
     return logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
 
 
+def most_likely(logits: torch.Tensor) -> torch.Tensor:
+    """Each row's most likely token ([B] int64): the first largest logit, a NaN counting as largest (as
+    `torch.argmax`). On the CPU through NumPy, whose argmax is vectorised: PyTorch's CPU argmax took ~80 us for one
+    65,024-wide float32 row on a 2-core AVX2 host (330 us in bf16), NumPy's ~9 us, and greedy decoding does one a
+    token."""
+    if logits.device.type != "cpu":
+        return logits.argmax(-1)
+    import numpy as np
+    import torch
+
+    return torch.from_numpy(np.argmax(logits.float().numpy(), axis=-1))
+
+
 def next_tokens(
     logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor, generator: torch.Generator | None = None
 ) -> torch.Tensor:
@@ -89,7 +102,7 @@ def next_tokens(
 
     scores = apply_repetition_penalty(logits.float(), seen, params.repetition_penalty)
     if params.greedy:
-        return scores.argmax(-1)
+        return most_likely(scores)
     probs = top_p_filter(top_k_filter(scores / params.temperature, params.top_k), params.top_p).softmax(-1)
     # A row whose tempered logits overflowed has no valid distribution: take its most likely token (the greedy
     # limit) rather than let `multinomial` fail.

@@ -1,7 +1,7 @@
 // Matrix products for decoding on the CPU: y[m, o] = sum_k x[m, k] * w[o, k] with w stored as int8 (one scale per
 // output), int4 (two codes a byte, a scale and a zero point per group of inputs) or bf16, and x, y float32.
 //
-// Decoding reads every weight once per token, so these stream each weight row once for up to kTile rows of x and
+// Decoding reads every weight once per token, so these stream each weight row once for several rows of x and
 // keep the sums in registers (AVX2 + FMA where the compiler targets them, plain loops elsewhere). Every row of x is
 // summed in the same order whatever the number of rows, so a batch gives each row the result it gets alone.
 // chatglm_sft/models/cpu_kernels.py compiles this file on first use and calls it through ctypes.
@@ -17,7 +17,10 @@
 
 namespace {
 
-constexpr int kTile = 2;       // rows of x multiplied together per pass over a weight row
+constexpr int kFloatTile = 4;  // int8, bf16: rows of x multiplied together per pass over a weight row
+// Bytes ahead of the weights read now that each step asks the cache for: the hardware prefetcher alone left one
+// core's int4 loop waiting on its loads (17 -> 24 G weights/s on 2 cores with it; 1-8 KiB measured alike).
+constexpr int64_t kPrefetch = 2048;
 constexpr int64_t kBlock = 16; // weight rows a thread takes at a time (int8 4096-wide: 64 KiB, stays in L2)
 
 inline float bf16_to_float(uint16_t v) {
@@ -49,26 +52,26 @@ inline void load16(const uint16_t* w, int64_t k, __m256& a, __m256& b) {
 inline float weight_at(const int8_t* w, int64_t k) { return float(w[k]); }
 inline float weight_at(const uint16_t* w, int64_t k) { return bf16_to_float(w[k]); }
 
-// dot[m] = sum_k x[m, k] * w[k] for m < ROWS (int8 or bf16 w). Each row keeps four sums in flight (32 columns a
-// step), so the adds' latency does not limit one row; two rows fit the 16 vector registers. A row is summed in the
-// same order however many rows come with it.
+// dot[m] = sum_k x[m, k] * w[k] for m < ROWS (int8 or bf16 w). Each row keeps two sums in flight (32 columns a
+// step, two products each), enough for one row to outrun memory; four rows then fit the 16 vector registers. A row is
+// summed in the same order however many rows come with it.
 template <int ROWS, typename W>
 inline void row_dot(const float* x, int64_t in, const W* w, float* dot) {
   int64_t k = 0;
 #ifdef __AVX2__
-  __m256 acc[ROWS][4];
-  for (int m = 0; m < ROWS; ++m)
-    for (int i = 0; i < 4; ++i) acc[m][i] = _mm256_setzero_ps();
+  __m256 acc[ROWS][2];
+  for (int m = 0; m < ROWS; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_ps();
   for (; k + 32 <= in; k += 32) {
+    _mm_prefetch(reinterpret_cast<const char*>(w + k) + kPrefetch, _MM_HINT_T0);
+    if (sizeof(W) == 2) _mm_prefetch(reinterpret_cast<const char*>(w + k) + kPrefetch + 64, _MM_HINT_T0);
     __m256 wv[4];
     load16(w, k, wv[0], wv[1]);
     load16(w, k + 16, wv[2], wv[3]);
     for (int m = 0; m < ROWS; ++m)
       for (int v = 0; v < 4; ++v)
-        acc[m][v] = _mm256_fmadd_ps(wv[v], _mm256_loadu_ps(x + m * in + k + 8 * v), acc[m][v]);
+        acc[m][v & 1] = _mm256_fmadd_ps(wv[v], _mm256_loadu_ps(x + m * in + k + 8 * v), acc[m][v & 1]);
   }
-  for (int m = 0; m < ROWS; ++m)
-    dot[m] = hsum(_mm256_add_ps(_mm256_add_ps(acc[m][0], acc[m][1]), _mm256_add_ps(acc[m][2], acc[m][3])));
+  for (int m = 0; m < ROWS; ++m) dot[m] = hsum(_mm256_add_ps(acc[m][0], acc[m][1]));
 #else
   for (int m = 0; m < ROWS; ++m) dot[m] = 0;
 #endif
@@ -84,10 +87,10 @@ struct Problem {
   const void* w;              // int8 [out, in] | uint8 [out, in / 2] | bf16 [out, in]
   const float* scale;         // int8: [out]
   const uint16_t* scale_zero; // int4: bf16 [out, in / group, 2]
-  const float* group_sums;    // int4: [rows, in / group], the sum of x over each group (exact, in float)
+  const float* group_sums;    // int4: [rows, groups8], the sum of x over each group (exact, in float)
   int64_t group;              // int4: a multiple of 32
-  const int16_t* xq;          // int4: x in int16, [rows, in], each 32 columns as their even then their odd ones
-  const float* xscale;        // int4: [rows, in / group], x ~ xq * xscale
+  const int16_t* xq;          // int4: x in int16, [rows, in], its columns in the codes' order (`x_order`)
+  const float* xscale;        // int4: [rows, groups8], x ~ xq * xscale
   float* y;                   // [rows, out]
 };
 
@@ -105,91 +108,166 @@ void bf16_row(const Problem& p, const float* x, int64_t m0, int64_t o) {
   for (int m = 0; m < ROWS; ++m) p.y[(m0 + m) * p.out + o] = dot[m];
 }
 
-// w = (q - 8) * scale + zero per group, so y = sum_g scale_g (q . x)_g + sum_g (zero_g - 8 scale_g) * sum_g(x).
+// int4: w = (q - 8) * scale + zero per group, so y = sum_g scale_g (q . x)_g + sum_g (zero_g - 8 scale_g) sum_g(x).
 // (q . x)_g takes x quantized to int16 with one scale per group (`xq`, `xscale`: steps of 2^-15 of the group's
 // largest value, finer than bf16's), so a group's products add up exactly in integers (madd, then adds: 128 * 15 *
-// 32767 fits in int32) and only the group's sum is converted to float and scaled. (chatglm.cpp quantizes x to int8
-// in blocks of 32; that took the int4 logits' error on a tiny model from 31% to 40% of an adapter's effect.) Each
-// 32 columns of x are laid out as their 16 even columns, then their 16 odd ones, the order the nibbles unpack in.
+// 32767 fits in int32), and only the group's total is converted to float. (chatglm.cpp quantizes x to int8 in blocks
+// of 32; that took the int4 logits' error on a tiny model from 31% to 40% of an adapter's effect.)
+//
+// Codes unpack without shuffles: each 16-bit word of a step's bytes holds four codes, at bits 0, 4, 8 and 12 (the
+// columns 4j+1, 4j, 4j+3, 4j+2 of the portable layout, where a byte's high nibble is the even column), so masks and
+// shifts give four vectors of codes, and x is laid out to match (`x_order`). A step is 64 columns (32 bytes) when
+// the group allows it, else 32.
+inline int64_t int4_step(int64_t group) { return group % 64 == 0 ? 64 : 32; }
+
+// Where column k of x goes within its step of `step` columns: the run of its nibble's position, then its word.
+inline int64_t x_order(int64_t k, int64_t step) {
+  static constexpr int kRun[4] = {1, 0, 3, 2};  // column 4j + c is in run kRun[c]
+  return (k / step) * step + kRun[k % 4] * (step / 4) + (k % step) / 4;
+}
+
+#ifdef __AVX2__
+// sums[m] (8 int32 lanes) += the products of one step's codes with the matching columns of each of ROWS rows of xq.
+template <int ROWS>
+inline void int4_step64(const uint8_t* w, const int16_t* xq, int64_t in, __m256i* sums) {
+  _mm_prefetch(reinterpret_cast<const char*>(w) + kPrefetch, _MM_HINT_T0);
+  const __m256i nibble = _mm256_set1_epi16(15), v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w));
+  const __m256i c0 = _mm256_and_si256(v, nibble), c1 = _mm256_and_si256(_mm256_srli_epi16(v, 4), nibble),
+                c2 = _mm256_and_si256(_mm256_srli_epi16(v, 8), nibble), c3 = _mm256_srli_epi16(v, 12);
+  for (int m = 0; m < ROWS; ++m) {
+    const __m256i* x = reinterpret_cast<const __m256i*>(xq + m * in);
+    const __m256i a = _mm256_add_epi32(_mm256_madd_epi16(c0, _mm256_loadu_si256(x)),
+                                       _mm256_madd_epi16(c1, _mm256_loadu_si256(x + 1)));
+    const __m256i b = _mm256_add_epi32(_mm256_madd_epi16(c2, _mm256_loadu_si256(x + 2)),
+                                       _mm256_madd_epi16(c3, _mm256_loadu_si256(x + 3)));
+    sums[m] = _mm256_add_epi32(sums[m], _mm256_add_epi32(a, b));
+  }
+}
+
+template <int ROWS>
+inline void int4_step32(const uint8_t* w, const int16_t* xq, int64_t in, __m256i* sums) {
+  const __m128i nibble = _mm_set1_epi16(15), v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w));
+  const __m128i c0 = _mm_and_si128(v, nibble), c1 = _mm_and_si128(_mm_srli_epi16(v, 4), nibble),
+                c2 = _mm_and_si128(_mm_srli_epi16(v, 8), nibble), c3 = _mm_srli_epi16(v, 12);
+  for (int m = 0; m < ROWS; ++m) {
+    const __m128i* x = reinterpret_cast<const __m128i*>(xq + m * in);
+    const __m128i a = _mm_add_epi32(_mm_madd_epi16(c0, _mm_loadu_si128(x)), _mm_madd_epi16(c1, _mm_loadu_si128(x + 1)));
+    const __m128i b =
+        _mm_add_epi32(_mm_madd_epi16(c2, _mm_loadu_si128(x + 2)), _mm_madd_epi16(c3, _mm_loadu_si128(x + 3)));
+    sums[m] = _mm256_add_epi32(sums[m], _mm256_zextsi128_si256(_mm_add_epi32(a, b)));
+  }
+}
+
+// The totals of 8 groups' sums (each 8 lanes), in group order. Integers: exact in any order.
+inline __m256i totals8(const __m256i* s) {
+  __m256i v[8];
+  for (int i = 0; i < 8; ++i) v[i] = _mm256_loadu_si256(s + i);
+  const __m256i h0 = _mm256_hadd_epi32(_mm256_hadd_epi32(v[0], v[1]), _mm256_hadd_epi32(v[2], v[3]));
+  const __m256i h1 = _mm256_hadd_epi32(_mm256_hadd_epi32(v[4], v[5]), _mm256_hadd_epi32(v[6], v[7]));
+  return _mm256_add_epi32(_mm256_permute2x128_si256(h0, h1, 0x20), _mm256_permute2x128_si256(h0, h1, 0x31));
+}
+#endif
+
+// The int4 layer's per-call state beside `Problem`: x quantized and laid out (`xq`), its scale and exact sum per
+// group (`xscale`, `group_sums`, [rows, groups8], zero past `groups`), and room for each thread's per-group sums.
+constexpr int kInt4Tile = 8;  // rows of x per pass over a weight row: 8 int sums + 4 code vectors fit 16 registers
+
 template <int ROWS>
 void int4_row(const Problem& p, const float*, int64_t m0, int64_t o) {
-  const int64_t groups = p.in / p.group, per_group = p.group / 32;  // 32 columns (16 bytes of codes) a step
-  const uint16_t* sz = p.scale_zero + 2 * groups * o;                 // scale_zero: [out, groups, 2]
+  const int64_t groups = p.in / p.group, groups8 = (groups + 7) / 8 * 8, step = int4_step(p.group);
+  const uint16_t* sz = p.scale_zero + 2 * groups * o;  // scale_zero: [out, groups, 2]
   const uint8_t* w = static_cast<const uint8_t*>(p.w) + o * (p.in / 2);
   const int16_t* xq = p.xq + m0 * p.in;
-  const float* xs = p.xscale + m0 * groups;
   float dot[ROWS];
 #ifdef __AVX2__
-  __m256 acc[ROWS][2];
-  for (int m = 0; m < ROWS; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_ps();
-  const __m128i nibble = _mm_set1_epi8(15);
+  // Each group's 8-lane sums go to a buffer, then 8 groups at a time are totalled and scaled in float vectors.
+  thread_local std::vector<int32_t> buffer;
+  buffer.resize(std::max<size_t>(buffer.size(), 8 * ROWS * groups8));
+  __m256i* sums_of = reinterpret_cast<__m256i*>(buffer.data());  // [ROWS, groups8] of 8 lanes
   for (int64_t g = 0; g < groups; ++g) {
     __m256i sums[ROWS];
     for (int m = 0; m < ROWS; ++m) sums[m] = _mm256_setzero_si256();
-    for (int64_t b = g * per_group; b < (g + 1) * per_group; ++b) {
-      const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + 16 * b));
-      const __m256i even = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(v, 4), nibble));
-      const __m256i odd = _mm256_cvtepu8_epi16(_mm_and_si128(v, nibble));
-      for (int m = 0; m < ROWS; ++m) {
-        const __m256i* x = reinterpret_cast<const __m256i*>(xq + m * p.in + 32 * b);
-        sums[m] = _mm256_add_epi32(sums[m], _mm256_madd_epi16(even, _mm256_loadu_si256(x)));
-        sums[m] = _mm256_add_epi32(sums[m], _mm256_madd_epi16(odd, _mm256_loadu_si256(x + 1)));
-      }
+    for (int64_t k = g * p.group; k < (g + 1) * p.group; k += step) {
+      if (step == 64)
+        int4_step64<ROWS>(w + k / 2, xq + k, p.in, sums);
+      else
+        int4_step32<ROWS>(w + k / 2, xq + k, p.in, sums);
     }
-    const float scale = bf16_to_float(sz[2 * g]);
-    for (int m = 0; m < ROWS; ++m)  // two float sums in flight per row
-      acc[m][g & 1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums[m]), _mm256_set1_ps(scale * xs[m * groups + g]),
-                                      acc[m][g & 1]);
+    for (int m = 0; m < ROWS; ++m) _mm256_storeu_si256(sums_of + m * groups8 + g, sums[m]);
   }
-  for (int m = 0; m < ROWS; ++m) dot[m] = hsum(_mm256_add_ps(acc[m][0], acc[m][1]));
+  for (int m = 0; m < ROWS; ++m) {
+    const float* xs = p.xscale + (m0 + m) * groups8;
+    const float* sums = p.group_sums + (m0 + m) * groups8;
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t g = 0; g < groups; g += 8) {
+      // 8 groups' (scale, zero) bf16 pairs: a 32-bit lane each, the scale in its low half. Past the last group:
+      // zeros (x's scales and sums are zero there too, whatever the buffer holds).
+      uint16_t tail[16] = {};
+      const uint16_t* pairs = sz + 2 * g;
+      if (g + 8 > groups) pairs = static_cast<const uint16_t*>(std::memcpy(tail, pairs, 4 * (groups - g)));
+      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(pairs));
+      const __m256 scale = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+      const __m256 zero = _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32(int32_t(0xFFFF0000u))));
+      const __m256 total = _mm256_cvtepi32_ps(totals8(sums_of + m * groups8 + g));
+      acc = _mm256_fmadd_ps(total, _mm256_mul_ps(scale, _mm256_loadu_ps(xs + g)), acc);
+      acc = _mm256_fmadd_ps(_mm256_fnmadd_ps(_mm256_set1_ps(8), scale, zero), _mm256_loadu_ps(sums + g), acc);
+    }
+    dot[m] = hsum(acc);
+  }
 #else
-  for (int m = 0; m < ROWS; ++m) dot[m] = 0;
-  for (int64_t g = 0; g < groups; ++g) {
-    for (int m = 0; m < ROWS; ++m) {
-      int32_t sum = 0;
-      for (int64_t b = g * per_group; b < (g + 1) * per_group; ++b)
-        for (int j = 0; j < 16; ++j) {
-          const uint8_t byte = w[16 * b + j];
-          sum += (byte >> 4) * xq[m * p.in + 32 * b + j] + (byte & 15) * xq[m * p.in + 32 * b + 16 + j];
-        }
-      dot[m] += float(sum) * bf16_to_float(sz[2 * g]) * xs[m * groups + g];
+  for (int m = 0; m < ROWS; ++m) {
+    dot[m] = 0;
+    for (int64_t g = 0; g < groups; ++g) {
+      int32_t total = 0;
+      for (int64_t k = g * p.group; k < (g + 1) * p.group; k += 4) {  // a word of codes: columns k .. k + 3
+        const uint16_t word = uint16_t(w[k / 2] | (w[k / 2 + 1] << 8));
+        const int16_t* x = xq + m * p.in + (k / step) * step + (k % step) / 4;
+        for (int run = 0; run < 4; ++run) total += ((word >> (4 * run)) & 15) * x[run * (step / 4)];
+      }
+      const float scale = bf16_to_float(sz[2 * g]), zero = bf16_to_float(sz[2 * g + 1]);
+      dot[m] += float(total) * scale * p.xscale[(m0 + m) * groups8 + g];
+      dot[m] += (zero - 8 * scale) * p.group_sums[(m0 + m) * groups8 + g];
     }
   }
 #endif
-  for (int64_t g = 0; g < groups; ++g) {
-    const float scale = bf16_to_float(sz[2 * g]), offset = bf16_to_float(sz[2 * g + 1]) - 8 * scale;
-    for (int m = 0; m < ROWS; ++m) dot[m] += offset * p.group_sums[(m0 + m) * groups + g];
-  }
   for (int m = 0; m < ROWS; ++m) p.y[(m0 + m) * p.out + o] = dot[m];
+}
+
+// Row<n> for a tile of n rows (1 <= n <= N): the row functions are compiled for each count.
+template <template <int> class Row, int N>
+inline void run_tile(int64_t n, const Problem& p, const float* x, int64_t m0, int64_t o) {
+  if constexpr (N > 1) {
+    if (n < N) return run_tile<Row, N - 1>(n, p, x, m0, o);
+  }
+  Row<N>::run(p, x, m0, o);
 }
 
 template <template <int> class Row>
 void run_block(const Problem& p, int64_t begin, int64_t end) {
+  constexpr int tile = Row<1>::kTile;
   for (int64_t o0 = begin; o0 < end; o0 += kBlock) {
     const int64_t o1 = std::min(end, o0 + kBlock);
-    for (int64_t m0 = 0; m0 < p.rows; m0 += kTile) {
-      const float* x = p.x + m0 * p.in;
-      for (int64_t o = o0; o < o1; ++o) {
-        switch (std::min<int64_t>(kTile, p.rows - m0)) {
-          case 2: Row<2>::run(p, x, m0, o); break;
-          default: Row<1>::run(p, x, m0, o); break;
-        }
-      }
+    for (int64_t m0 = 0; m0 < p.rows; m0 += tile) {
+      const float* x = p.x ? p.x + m0 * p.in : nullptr;
+      for (int64_t o = o0; o < o1; ++o) run_tile<Row, tile>(std::min<int64_t>(tile, p.rows - m0), p, x, m0, o);
     }
   }
 }
 
-// `run_block` picks a row function by the number of rows in a tile; these wrap each kernel's for it.
+// `run_block` picks a row function by the number of rows in a tile (at most kTile); these wrap each kernel's for it.
 template <int R>
 struct Int8Row {
+  static constexpr int kTile = kFloatTile;
   static void run(const Problem& p, const float* x, int64_t m, int64_t o) { int8_row<R>(p, x, m, o); }
 };
 template <int R>
 struct Int4Row {
+  static constexpr int kTile = kInt4Tile;
   static void run(const Problem& p, const float* x, int64_t m, int64_t o) { int4_row<R>(p, x, m, o); }
 };
 template <int R>
 struct Bf16Row {
+  static constexpr int kTile = kFloatTile;
   static void run(const Problem& p, const float* x, int64_t m, int64_t o) { bf16_row<R>(p, x, m, o); }
 };
 
@@ -219,9 +297,9 @@ void int8_matmul(const float* x, int64_t rows, int64_t in, const int8_t* q, cons
 
 void int4_matmul(const float* x, int64_t rows, int64_t in, const uint8_t* codes, const uint16_t* scale_zero,
                  int64_t group, int64_t out, float* y, int threads) {
-  const int64_t groups = in / group;
+  const int64_t groups = in / group, groups8 = (groups + 7) / 8 * 8, step = int4_step(group);
   std::vector<int16_t> xq(rows * in);
-  std::vector<float> xscale(rows * groups), group_sums(rows * groups);
+  std::vector<float> xscale(rows * groups8), group_sums(rows * groups8);  // zero past the last group
   for (int64_t m = 0; m < rows; ++m) {
     for (int64_t g = 0; g < groups; ++g) {
       const float* from = x + m * in + g * group;
@@ -230,12 +308,12 @@ void int4_matmul(const float* x, int64_t rows, int64_t in, const uint8_t* codes,
         largest = std::max(largest, std::fabs(from[k]));
         sum += from[k];
       }
-      const float scale = largest / 32767, inverse = largest > 0 ? 32767 / largest : 0;
-      xscale[m * groups + g] = scale;
-      group_sums[m * groups + g] = sum;
-      int16_t* to = xq.data() + m * in + g * group;
-      for (int64_t k = 0; k < group; ++k)  // within each 32: the 16 even columns, then the 16 odd ones
-        to[(k / 32) * 32 + (k % 2) * 16 + (k % 32) / 2] = int16_t(std::lrint(from[k] * inverse));
+      const float inverse = largest > 0 ? 32767 / largest : 0;
+      xscale[m * groups8 + g] = largest / 32767;
+      group_sums[m * groups8 + g] = sum;
+      int16_t* to = xq.data() + m * in;
+      for (int64_t k = g * group; k < (g + 1) * group; ++k)
+        to[x_order(k, step)] = int16_t(std::lrint(from[k - g * group] * inverse));
     }
   }
   Problem p{nullptr, rows, in, out, codes, nullptr, scale_zero, group_sums.data(), group, xq.data(), xscale.data(), y};

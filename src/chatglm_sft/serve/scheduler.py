@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import torch
 
 from chatglm_sft.infer.engine import Engine, Rows, seeded_generator
-from chatglm_sft.infer.sampling import SamplingParams, next_tokens
+from chatglm_sft.infer.sampling import SamplingParams, most_likely, next_tokens
 from chatglm_sft.serve.batch import Batch, BatchRunner
 from chatglm_sft.serve.metrics import Metrics
 
@@ -366,7 +366,7 @@ class ContinuousScheduler(Scheduler):
         plain = [r.job.params.greedy and r.job.params.repetition_penalty == 1.0 for r in rows]
         if not any(plain):
             return [None] * len(rows)
-        best = logits.argmax(-1).tolist()
+        best = most_likely(logits).tolist()
         return [b if p else None for b, p in zip(best, plain, strict=True)]
 
     def _sample(self, row: _Row, logits: torch.Tensor) -> int:
