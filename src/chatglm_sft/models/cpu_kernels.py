@@ -4,8 +4,8 @@ use with the machine's C++ compiler and called through ctypes.
 Why not PyTorch's own kernels: on a 2-core AVX2 host (AMD EPYC, no AVX512) `_weight_int4pack_mm_for_cpu` streamed a
 13696×4096 int4 weight for one row at ~6 GB/s of the ~18 GB/s the machine reads, and bf16 `F.linear` computed 8 rows
 at 20 GFLOPS (float32: 100+), so int4 decoding ran at a third of its weight-read bound and bf16 batches of 8 barely
-faster than one row. These loops stream each weight row once for every two rows of activations (docs/benchmarks.md
-has the figures). They are used for up to `MAX_ROWS` rows; prefill and larger batches keep PyTorch's kernels, except
+faster than one row. These loops stream each weight row once for every four rows of activations (int8, bf16) or eight
+(int4), prefetching ahead of the hardware (docs/benchmarks.md has the figures). They are used for up to `MAX_ROWS` rows; prefill and larger batches keep PyTorch's kernels, except
 int4, whose codes are kept in one layout only (this kernel's, the saved one) so that the weights are not held twice.
 
 No compiler, a failed build (each logged once), or `CHATGLM_SFT_CPU_KERNELS=0` leaves PyTorch's kernels in use.
