@@ -18,6 +18,7 @@ from chatglm_sft.batches import left_pad_ids
 from chatglm_sft.families import Family, get_family
 from chatglm_sft.infer.sampling import SamplingParams, most_likely, next_tokens
 from chatglm_sft.models.architectures import architecture_of
+from chatglm_sft.models.cpu_activations import use_float32_activations
 from chatglm_sft.models.matvec import use_matvec_kernels
 from chatglm_sft.tools import decode_reply, parse_reply
 
@@ -47,7 +48,8 @@ class Engine:
     """Generate with a loaded model and its tokenizer (see `chatglm_sft.load_model` / `load_tokenizer`).
 
     On the CPU the model's bf16 linear layers get a matrix-vector path for one-row inputs (in place:
-    `chatglm_sft.models.matvec`), which is what a decode step at batch 1 is made of."""
+    `chatglm_sft.models.matvec`), which is what a decode step at batch 1 is made of, and a quantized model computes
+    its activations in float32 where the CPU has no bf16 arithmetic (`chatglm_sft.models.cpu_activations`)."""
 
     def __init__(self, model, tokenizer, family: Family | None = None):
         self.model = model
@@ -58,6 +60,7 @@ class Engine:
         self.device = next(model.parameters()).device
         if self.device.type == "cpu":
             use_matvec_kernels(model)
+            use_float32_activations(model)
 
     # --- low level: token ids -------------------------------------------------------------------------------------
 

@@ -4,9 +4,11 @@ use with the machine's C++ compiler and called through ctypes.
 Why not PyTorch's own kernels: on a 2-core AVX2 host (AMD EPYC, no AVX512) `_weight_int4pack_mm_for_cpu` streamed a
 13696×4096 int4 weight for one row at ~6 GB/s of the ~18 GB/s the machine reads, and bf16 `F.linear` computed 8 rows
 at 20 GFLOPS (float32: 100+), so int4 decoding ran at a third of its weight-read bound and bf16 batches of 8 barely
-faster than one row. These loops stream each weight row once for every four rows of activations (int8, bf16) or eight
-(int4), prefetching ahead of the hardware (docs/benchmarks.md has the figures). They are used for up to `MAX_ROWS` rows; prefill and larger batches keep PyTorch's kernels, except
-int4, whose codes are kept in one layout only (this kernel's, the saved one) so that the weights are not held twice.
+faster than one row. These loops stream each weight row once for every four rows of activations (int8, bf16) or
+eight (int4), prefetching ahead of the hardware (docs/benchmarks.md has the figures). They are used for up to
+`MAX_ROWS` rows of bf16 weights, prefill and larger batches keeping PyTorch's bf16 kernels; int8 and int4 layers use
+them for any number of rows (int8: as fast as PyTorch's kernel at 16-64 rows; int4: its codes are kept in this
+kernel's layout only, the saved one, so that the weights are not held twice).
 
 No compiler, a failed build (each logged once), or `CHATGLM_SFT_CPU_KERNELS=0` leaves PyTorch's kernels in use.
 The library is cached in `cache_root()/kernels` (`~/.cache/chatglm-sft/kernels` by default), named by a hash of the
@@ -35,7 +37,7 @@ logger = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
 FLAGS = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fopenmp"]
 MAX_ROWS = 8
-"""Rows up to which int8 and bf16 layers take these loops (a decoding batch); more rows take PyTorch's kernels."""
+"""Rows up to which bf16 layers take these loops (a decoding batch); more rows take PyTorch's kernels."""
 
 
 def _cpu_signature() -> str:
