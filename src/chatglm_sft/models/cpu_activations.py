@@ -13,12 +13,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from chatglm_sft.models.cpu_kernels import bf16_arithmetic
 from chatglm_sft.models.quantize import Int4Linear, Int8Linear
-
-
-def bf16_arithmetic() -> bool:
-    """Whether this CPU computes in bf16 natively (oneDNN's own test: AVX512-BF16 or AMX)."""
-    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 def use_float32_activations(model: nn.Module) -> bool:

@@ -6,7 +6,8 @@ machine it streamed a 4096×13696 weight for one row at 47% of the bandwidth `be
 `torch.mv` reached 99%; on a 2-core AVX2 host (no bf16 instructions) it computed 8 rows at 20 GFLOPS, barely faster
 than one row at a time. `cpu_kernels.bf16_matmul` streams the weight once for up to `cpu_kernels.MAX_ROWS` rows;
 without it one row takes `torch.mv` (docs/benchmarks.md). Float32 weights are left as they are (`F.linear` already
-takes a vector kernel for them), so float32 results stay bit-identical; more rows (prefill) take `F.linear`.
+takes a vector kernel for them), so float32 results stay bit-identical; more rows (prefill) take `F.linear` where the
+CPU computes in bf16 natively, the kernel elsewhere.
 """
 
 from __future__ import annotations
@@ -22,12 +23,15 @@ HALF_PRECISION = (torch.bfloat16,)
 
 class MatVecLinear(nn.Linear):
     """`nn.Linear` whose inputs of a few rows (decoding) go through `cpu_kernels.bf16_matmul`, or, without those
-    kernels, one row through `torch.mv`; the same parameters and state-dict names."""
+    kernels, one row through `torch.mv`; the same parameters and state-dict names. On a CPU without bf16 arithmetic
+    every number of rows goes through the kernel: a prompt too (PyTorch's bf16 product computes at a fifth of its
+    float32 speed there), and a prompt's rows then get the same result alone or in a batch."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype != self.weight.dtype:
             return super().forward(x)
-        kernels = cpu_kernels.for_input(x, self.weight)
+        rows = None if not cpu_kernels.bf16_arithmetic() else cpu_kernels.MAX_ROWS
+        kernels = cpu_kernels.for_input(x, self.weight, max_rows=rows)
         if kernels is not None:
             y = cpu_kernels.bf16_matmul(kernels, x, self.weight)
             return (y if self.bias is None else y + self.bias.float()).to(x.dtype)
