@@ -151,7 +151,8 @@ inline void int4_step32(const uint8_t* w, const int16_t* xq, int64_t in, __m256i
                 c2 = _mm_and_si128(_mm_srli_epi16(v, 8), nibble), c3 = _mm_srli_epi16(v, 12);
   for (int m = 0; m < ROWS; ++m) {
     const __m128i* x = reinterpret_cast<const __m128i*>(xq + m * in);
-    const __m128i a = _mm_add_epi32(_mm_madd_epi16(c0, _mm_loadu_si128(x)), _mm_madd_epi16(c1, _mm_loadu_si128(x + 1)));
+    const __m128i a =
+        _mm_add_epi32(_mm_madd_epi16(c0, _mm_loadu_si128(x)), _mm_madd_epi16(c1, _mm_loadu_si128(x + 1)));
     const __m128i b =
         _mm_add_epi32(_mm_madd_epi16(c2, _mm_loadu_si128(x + 2)), _mm_madd_epi16(c3, _mm_loadu_si128(x + 3)));
     sums[m] = _mm256_add_epi32(sums[m], _mm256_zextsi128_si256(_mm_add_epi32(a, b)));
@@ -168,8 +169,6 @@ inline __m256i totals8(const __m256i* s) {
 }
 #endif
 
-// The int4 layer's per-call state beside `Problem`: x quantized and laid out (`xq`), its scale and exact sum per
-// group (`xscale`, `group_sums`, [rows, groups8], zero past `groups`), and room for each thread's per-group sums.
 constexpr int kInt4Tile = 8;  // rows of x per pass over a weight row: 8 int sums + 4 code vectors fit 16 registers
 
 template <int ROWS>
