@@ -38,7 +38,7 @@ def use_float32_activations(model: nn.Module) -> bool:
                 param.data = param.data.float()
         for name, buffer in module.named_buffers(recurse=False):
             if buffer.is_floating_point():
-                module._buffers[name] = buffer.float()
+                setattr(module, name, buffer.float())  # stays a buffer, persistent or not as it was
     embedding.register_forward_hook(_rows_in_float32)
     return True
 
