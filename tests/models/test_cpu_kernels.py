@@ -31,8 +31,10 @@ def dequantized_int4(q: torch.Tensor, scales_zeros: torch.Tensor, group: int) ->
     return ((q.double() - 8).view(out_f, in_f // group, group) * scale + zero).view(out_f, in_f)
 
 
+# (24, 1100) and (40, 2080): several rows of x are taken in chunks of columns (16 KiB of x at a time), the last one
+# shorter, and the rest past the last 32 columns.
 @pytest.mark.parametrize("rows", [1, 2, 3, 8, 11])
-@pytest.mark.parametrize("out_f,in_f", [(48, 64), (37, 50), (24, 200)])
+@pytest.mark.parametrize("out_f,in_f", [(48, 64), (37, 50), (24, 200), (24, 1100), (40, 2080)])
 def test_int8_and_bf16_equal_float64(kernels, rows, out_f, in_f):
     torch.manual_seed(rows * out_f + in_f)
     w = torch.randn(out_f, in_f)
@@ -57,8 +59,10 @@ def quantized_x(x: torch.Tensor, group: int) -> torch.Tensor:
     return ((groups * inverse).round().double() * (largest / 32767).double()).view(x.shape)
 
 
+# Several rows of x are taken 8 groups of columns at a time or more (16 KiB of x): (32, 1056) and (128, 2432) end
+# with a shorter chunk, (128, 2432) with a chunk of fewer than 8 groups.
 @pytest.mark.parametrize("rows", [1, 2, 5, 8, 11])
-@pytest.mark.parametrize("group,in_f", [(32, 96), (64, 256), (128, 256), (128, 1408)])
+@pytest.mark.parametrize("group,in_f", [(32, 96), (64, 256), (128, 256), (128, 1408), (32, 1056), (128, 2432)])
 def test_int4_equals_float64(kernels, rows, group, in_f):
     torch.manual_seed(rows + group)
     w = torch.randn(40, in_f)
@@ -78,10 +82,12 @@ def test_int4_equals_float64(kernels, rows, group, in_f):
     assert (got.double() - true).abs().max() < min(1e-3 * true.abs().max(), 0.01 * weights_error)
 
 
-def test_a_row_gets_the_same_bits_alone_and_in_a_batch(kernels):
+@pytest.mark.parametrize("in_f", [256, 3072])
+def test_a_row_gets_the_same_bits_alone_and_in_a_batch(kernels, in_f):
+    """3072: a batch's x is taken in chunks of columns, a row alone whole."""
     torch.manual_seed(0)
-    w = torch.randn(64, 256)
-    x = torch.randn(7, 256)
+    w = torch.randn(64, in_f)
+    x = torch.randn(7, in_f)
     q, scale = int8_codes(w)
     q4, scales_zeros = int4_codes(w, 64)
     products = {
@@ -108,7 +114,7 @@ def test_plain_loops_equal_the_vector_ones(kernels, monkeypatch, tmp_path):
         cpu_kernels.library.cache_clear()
     assert plain is not None and plain is not kernels
     torch.manual_seed(3)
-    w, x = torch.randn(24, 160), torch.randn(9, 160)
+    w, x = torch.randn(24, 1120), torch.randn(9, 1120)  # 9 rows: x taken in chunks of columns
     q, scale = int8_codes(w)
     q4, scales_zeros = int4_codes(w, 32)
     by_row = scales_zeros.transpose(0, 1).contiguous()

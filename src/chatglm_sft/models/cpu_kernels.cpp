@@ -22,6 +22,16 @@ constexpr int kFloatTile = 4;  // int8, bf16: rows of x multiplied together per 
 // core's int4 loop waiting on its loads (17 -> 24 G weights/s on 2 cores with it; 1-8 KiB measured alike).
 constexpr int64_t kPrefetch = 2048;
 constexpr int64_t kBlock = 16; // weight rows a thread takes at a time (int8 4096-wide: 64 KiB, stays in L2)
+// With several rows of x, their columns are taken this many bytes of x at a time, kept in L1 for the whole block of
+// weight rows (packed: `packed_at`): whole rows of 8 x 4096 floats (128 KiB) came from L2 for every product. On the
+// 2-core AMD host, 8 rows times a 2048 x 2048 bf16 weight in cache went from 26 to 43 G products/s; with the
+// weights streamed from memory, as in decoding a large model, both ran at ~30-36. One row of x is taken whole: it is
+// read once per weight row, at the rate the weights stream.
+constexpr int64_t kChunkBytes = 16384;
+// In chunks, a chunk of a weight row is followed by the same chunk of the next one: the weights prefetched are those
+// this many rows later in that order (the next chunk of the block's first rows after its last ones).
+constexpr int64_t kPrefetchRows = 2;
+constexpr int kState = 16;  // floats of sums carried between the chunks of one weight row for one row of x
 
 inline float bf16_to_float(uint16_t v) {
   uint32_t bits = uint32_t(v) << 16;
@@ -52,27 +62,43 @@ inline void load16(const uint16_t* w, int64_t k, __m256& a, __m256& b) {
 inline float weight_at(const int8_t* w, int64_t k) { return float(w[k]); }
 inline float weight_at(const uint16_t* w, int64_t k) { return bf16_to_float(w[k]); }
 
-// dot[m] = sum_k x[m, k] * w[k] for m < ROWS (int8 or bf16 w). Each row keeps two sums in flight (32 columns a
-// step, two products each), enough for one row to outrun memory; four rows then fit the 16 vector registers. A row is
-// summed in the same order however many rows come with it.
+// dot[m] = sum_k x[m, k] * w[k] for m < ROWS (int8 or bf16 w), in parts: `dot_part` adds the columns [k0, k1) (a
+// multiple of 32 apart; x: the rows' packed chunk, `ld` apart) to the sums carried in `state`, `dot_finish` totals
+// them. Each row keeps two sums in flight (32
+// columns a step, two products each), enough for one row to outrun memory; four rows then fit the 16 vector
+// registers. A row is summed in the same order however many rows come with it and however its columns are split.
 template <int ROWS, typename W>
-inline void row_dot(const float* x, int64_t in, const W* w, float* dot) {
-  int64_t k = 0;
+inline void dot_part(const float* x, int64_t ld, const W* w, int64_t k0, int64_t k1, int64_t ahead, float* state) {
 #ifdef __AVX2__
   __m256 acc[ROWS][2];
-  for (int m = 0; m < ROWS; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_ps();
-  for (; k + 32 <= in; k += 32) {
-    _mm_prefetch(reinterpret_cast<const char*>(w + k) + kPrefetch, _MM_HINT_T0);
-    if (sizeof(W) == 2) _mm_prefetch(reinterpret_cast<const char*>(w + k) + kPrefetch + 64, _MM_HINT_T0);
+  for (int m = 0; m < ROWS; ++m)
+    for (int v = 0; v < 2; ++v) acc[m][v] = _mm256_loadu_ps(state + m * kState + 8 * v);
+  for (int64_t k = k0; k + 32 <= k1; k += 32) {
+    _mm_prefetch(reinterpret_cast<const char*>(w + k) + ahead, _MM_HINT_T0);
+    if (sizeof(W) == 2) _mm_prefetch(reinterpret_cast<const char*>(w + k) + ahead + 64, _MM_HINT_T0);
     __m256 wv[4];
     load16(w, k, wv[0], wv[1]);
     load16(w, k + 16, wv[2], wv[3]);
     for (int m = 0; m < ROWS; ++m)
       for (int v = 0; v < 4; ++v)
-        acc[m][v & 1] = _mm256_fmadd_ps(wv[v], _mm256_loadu_ps(x + m * in + k + 8 * v), acc[m][v & 1]);
+        acc[m][v & 1] = _mm256_fmadd_ps(wv[v], _mm256_loadu_ps(x + m * ld + (k - k0) + 8 * v), acc[m][v & 1]);
   }
-  for (int m = 0; m < ROWS; ++m) dot[m] = hsum(_mm256_add_ps(acc[m][0], acc[m][1]));
+  for (int m = 0; m < ROWS; ++m)
+    for (int v = 0; v < 2; ++v) _mm256_storeu_ps(state + m * kState + 8 * v, acc[m][v]);
 #else
+  (void)x, (void)ld, (void)w, (void)k0, (void)k1, (void)ahead, (void)state;
+#endif
+}
+
+template <int ROWS, typename W>
+inline void dot_finish(const float* x, int64_t in, const W* w, const float* state, float* dot) {
+  int64_t k = 0;
+#ifdef __AVX2__
+  k = in / 32 * 32;
+  for (int m = 0; m < ROWS; ++m)
+    dot[m] = hsum(_mm256_add_ps(_mm256_loadu_ps(state + m * kState), _mm256_loadu_ps(state + m * kState + 8)));
+#else
+  (void)state;
   for (int m = 0; m < ROWS; ++m) dot[m] = 0;
 #endif
   for (; k < in; ++k) {  // the rest (or everything, without AVX2)
@@ -83,30 +109,74 @@ inline void row_dot(const float* x, int64_t in, const W* w, float* dot) {
 
 struct Problem {
   const float* x;  // [rows, in] (int8, bf16)
+  const float* xp; // x packed by chunks (`packed_at`): the same as x when rows are taken whole
   int64_t rows, in, out;
   const void* w;              // int8 [out, in] | uint8 [out, in / 2] | bf16 [out, in]
   const float* scale;         // int8: [out]
   const uint16_t* scale_zero; // int4: bf16 [out, in / group, 2]
   const float* group_sums;    // int4: [rows, groups8], the sum of x over each group (exact, in float)
   int64_t group;              // int4: a multiple of 32
-  const int16_t* xq;          // int4: x in int16, [rows, in], its columns in the codes' order (`x_order`)
+  const int16_t* xq;          // int4: x in int16, packed by chunks, its columns in the codes' order (`x_order`)
   const float* xscale;        // int4: [rows, groups8], x ~ xq * xscale
   float* y;                   // [rows, out]
+  int64_t chunk;              // columns taken at a time (`chunk_columns`)
+};
+
+// Columns of x taken at a time for `rows` rows of `size` bytes a column: all of one row, else what fits kChunkBytes,
+// a multiple of `unit` (which keeps each row's order of summing).
+inline int64_t chunk_columns(int64_t rows, int64_t in, int64_t size, int64_t unit) {
+  if (rows == 1) return in;
+  return std::min(in, std::max<int64_t>(1, kChunkBytes / (rows * size * unit)) * unit);
+}
+
+// Where x[m, k] goes when x is packed for chunks of `chunk` columns: chunk by chunk, each chunk's rows one after the
+// other. A chunk's rows then lie together in L1: left `in` apart, rows 4 or 8 KiB apart fell in the same cache sets
+// and evicted each other. (With one chunk this is x's own layout.)
+inline int64_t packed_at(int64_t m, int64_t k, int64_t rows, int64_t in, int64_t chunk) {
+  const int64_t k0 = k / chunk * chunk;
+  return k0 * rows + m * std::min(chunk, in - k0) + (k - k0);
+}
+
+// The packed chunk starting at column k0, from row m0 on.
+template <typename T>
+inline const T* chunk_of(const T* packed, const Problem& p, int64_t m0, int64_t k0) {
+  return packed + k0 * p.rows + m0 * std::min(p.chunk, p.in - k0);
+}
+
+template <int ROWS>
+struct Int8Row {
+  static constexpr int kTile = kFloatTile;
+  static const char* at(const Problem& p, int64_t o, int64_t k) {
+    return static_cast<const char*>(p.w) + o * p.in + k;
+  }
+  static void part(const Problem& p, int64_t m0, int64_t o, int64_t k0, int64_t k1, int64_t ahead, float* state) {
+    const float* x = chunk_of(p.xp, p, m0, k0);
+    dot_part<ROWS>(x, std::min(p.chunk, p.in - k0), static_cast<const int8_t*>(p.w) + o * p.in, k0, k1, ahead, state);
+  }
+  static void finish(const Problem& p, int64_t m0, int64_t o, const float* state) {
+    float dot[ROWS];
+    dot_finish<ROWS>(p.x + m0 * p.in, p.in, static_cast<const int8_t*>(p.w) + o * p.in, state, dot);
+    for (int m = 0; m < ROWS; ++m) p.y[(m0 + m) * p.out + o] = dot[m] * p.scale[o];
+  }
 };
 
 template <int ROWS>
-void int8_row(const Problem& p, const float* x, int64_t m0, int64_t o) {
-  float dot[ROWS];
-  row_dot<ROWS>(x, p.in, static_cast<const int8_t*>(p.w) + o * p.in, dot);
-  for (int m = 0; m < ROWS; ++m) p.y[(m0 + m) * p.out + o] = dot[m] * p.scale[o];
-}
-
-template <int ROWS>
-void bf16_row(const Problem& p, const float* x, int64_t m0, int64_t o) {
-  float dot[ROWS];
-  row_dot<ROWS>(x, p.in, static_cast<const uint16_t*>(p.w) + o * p.in, dot);
-  for (int m = 0; m < ROWS; ++m) p.y[(m0 + m) * p.out + o] = dot[m];
-}
+struct Bf16Row {
+  static constexpr int kTile = kFloatTile;
+  static const char* at(const Problem& p, int64_t o, int64_t k) {
+    return static_cast<const char*>(p.w) + 2 * (o * p.in + k);
+  }
+  static void part(const Problem& p, int64_t m0, int64_t o, int64_t k0, int64_t k1, int64_t ahead, float* state) {
+    const float* x = chunk_of(p.xp, p, m0, k0);
+    const uint16_t* w = static_cast<const uint16_t*>(p.w) + o * p.in;
+    dot_part<ROWS>(x, std::min(p.chunk, p.in - k0), w, k0, k1, ahead, state);
+  }
+  static void finish(const Problem& p, int64_t m0, int64_t o, const float* state) {
+    float dot[ROWS];
+    dot_finish<ROWS>(p.x + m0 * p.in, p.in, static_cast<const uint16_t*>(p.w) + o * p.in, state, dot);
+    for (int m = 0; m < ROWS; ++m) p.y[(m0 + m) * p.out + o] = dot[m];
+  }
+};
 
 // int4: w = (q - 8) * scale + zero per group, so y = sum_g scale_g (q . x)_g + sum_g (zero_g - 8 scale_g) sum_g(x).
 // (q . x)_g takes x quantized to int16 with one scale per group (`xq`, `xscale`: steps of 2^-15 of the group's
@@ -129,8 +199,8 @@ inline int64_t x_order(int64_t k, int64_t step) {
 #ifdef __AVX2__
 // sums[m] (8 int32 lanes) += the products of one step's codes with the matching columns of each of ROWS rows of xq.
 template <int ROWS>
-inline void int4_step64(const uint8_t* w, const int16_t* xq, int64_t in, __m256i* sums) {
-  _mm_prefetch(reinterpret_cast<const char*>(w) + kPrefetch, _MM_HINT_T0);
+inline void int4_step64(const uint8_t* w, const int16_t* xq, int64_t in, int64_t ahead, __m256i* sums) {
+  _mm_prefetch(reinterpret_cast<const char*>(w) + ahead, _MM_HINT_T0);
   const __m256i nibble = _mm256_set1_epi16(15), v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w));
   const __m256i c0 = _mm256_and_si256(v, nibble), c1 = _mm256_and_si256(_mm256_srli_epi16(v, 4), nibble),
                 c2 = _mm256_and_si256(_mm256_srli_epi16(v, 8), nibble), c3 = _mm256_srli_epi16(v, 12);
@@ -171,104 +241,142 @@ inline __m256i totals8(const __m256i* s) {
 
 constexpr int kInt4Tile = 8;  // rows of x per pass over a weight row: 8 int sums + 4 code vectors fit 16 registers
 
+// `part` adds the groups of columns [k0, k1) (whole multiples of 8 groups but at the end) to the float sums in
+// `state`; `finish` totals them.
 template <int ROWS>
-void int4_row(const Problem& p, const float*, int64_t m0, int64_t o) {
+struct Int4Row {
+  static constexpr int kTile = kInt4Tile;
+  static const char* at(const Problem& p, int64_t o, int64_t k) {
+    return reinterpret_cast<const char*>(p.w) + (o * p.in + k) / 2;
+  }
+  static void part(const Problem& p, int64_t m0, int64_t o, int64_t k0, int64_t k1, int64_t ahead, float* state);
+  static void finish(const Problem& p, int64_t m0, int64_t o, const float* state) {
+    for (int m = 0; m < ROWS; ++m) {
+#ifdef __AVX2__
+      p.y[(m0 + m) * p.out + o] = hsum(_mm256_loadu_ps(state + m * kState));
+#else
+      p.y[(m0 + m) * p.out + o] = state[m * kState];
+#endif
+    }
+  }
+};
+
+template <int ROWS>
+void Int4Row<ROWS>::part(const Problem& p, int64_t m0, int64_t o, int64_t k0, int64_t k1, int64_t ahead,
+                         float* state) {
   const int64_t groups = p.in / p.group, groups8 = (groups + 7) / 8 * 8, step = int4_step(p.group);
   const uint16_t* sz = p.scale_zero + 2 * groups * o;  // scale_zero: [out, groups, 2]
   const uint8_t* w = static_cast<const uint8_t*>(p.w) + o * (p.in / 2);
-  const int16_t* xq = p.xq + m0 * p.in;
-  float dot[ROWS];
+  const int16_t* xq = chunk_of(p.xq, p, m0, k0);
+  const int64_t ld = std::min(p.chunk, p.in - k0);
 #ifdef __AVX2__
-  // Each group's 8-lane sums go to a buffer, then 8 groups at a time are totalled and scaled in float vectors.
-  thread_local std::vector<int32_t> buffer;
-  buffer.resize(std::max<size_t>(buffer.size(), 8 * ROWS * groups8));
-  __m256i* sums_of = reinterpret_cast<__m256i*>(buffer.data());  // [ROWS, groups8] of 8 lanes
-  for (int64_t g = 0; g < groups; ++g) {
-    __m256i sums[ROWS];
-    for (int m = 0; m < ROWS; ++m) sums[m] = _mm256_setzero_si256();
-    for (int64_t k = g * p.group; k < (g + 1) * p.group; k += step) {
-      if (step == 64)
-        int4_step64<ROWS>(w + k / 2, xq + k, p.in, sums);
-      else
-        int4_step32<ROWS>(w + k / 2, xq + k, p.in, sums);
+  // 8 groups at a time: each group's 8-lane sums are kept, then the 8 are totalled and scaled in float vectors.
+  __m256 acc[ROWS];
+  for (int m = 0; m < ROWS; ++m) acc[m] = _mm256_loadu_ps(state + m * kState);
+  for (int64_t g8 = k0 / p.group; g8 < k1 / p.group; g8 += 8) {
+    __m256i sums_of[ROWS][8];
+    for (int64_t g = g8; g < g8 + 8; ++g) {
+      __m256i sums[ROWS];
+      for (int m = 0; m < ROWS; ++m) sums[m] = _mm256_setzero_si256();
+      for (int64_t k = g * p.group; g < groups && k < (g + 1) * p.group; k += step) {
+        if (step == 64)
+          int4_step64<ROWS>(w + k / 2, xq + (k - k0), ld, ahead, sums);
+        else
+          int4_step32<ROWS>(w + k / 2, xq + (k - k0), ld, sums);
+      }
+      for (int m = 0; m < ROWS; ++m) sums_of[m][g - g8] = sums[m];
     }
-    for (int m = 0; m < ROWS; ++m) _mm256_storeu_si256(sums_of + m * groups8 + g, sums[m]);
-  }
-  for (int m = 0; m < ROWS; ++m) {
-    const float* xs = p.xscale + (m0 + m) * groups8;
-    const float* sums = p.group_sums + (m0 + m) * groups8;
-    __m256 acc = _mm256_setzero_ps();
-    for (int64_t g = 0; g < groups; g += 8) {
-      // 8 groups' (scale, zero) bf16 pairs: a 32-bit lane each, the scale in its low half. Past the last group:
-      // zeros (x's scales and sums are zero there too, whatever the buffer holds).
-      uint16_t tail[16] = {};
-      const uint16_t* pairs = sz + 2 * g;
-      if (g + 8 > groups) pairs = static_cast<const uint16_t*>(std::memcpy(tail, pairs, 4 * (groups - g)));
-      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(pairs));
-      const __m256 scale = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
-      const __m256 zero = _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32(int32_t(0xFFFF0000u))));
-      const __m256 total = _mm256_cvtepi32_ps(totals8(sums_of + m * groups8 + g));
-      acc = _mm256_fmadd_ps(total, _mm256_mul_ps(scale, _mm256_loadu_ps(xs + g)), acc);
-      acc = _mm256_fmadd_ps(_mm256_fnmadd_ps(_mm256_set1_ps(8), scale, zero), _mm256_loadu_ps(sums + g), acc);
+    // The 8 groups' (scale, zero) bf16 pairs: a 32-bit lane each, the scale in its low half. Past the last group:
+    // zeros (x's scales and sums are zero there too, and so are the sums above).
+    uint16_t tail[16] = {};
+    const uint16_t* pairs = sz + 2 * g8;
+    if (g8 + 8 > groups) pairs = static_cast<const uint16_t*>(std::memcpy(tail, pairs, 4 * (groups - g8)));
+    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(pairs));
+    const __m256 scale = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+    const __m256 zero = _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32(int32_t(0xFFFF0000u))));
+    const __m256 offset = _mm256_fnmadd_ps(_mm256_set1_ps(8), scale, zero);
+    for (int m = 0; m < ROWS; ++m) {
+      const float* xs = p.xscale + (m0 + m) * groups8 + g8;
+      const float* sums = p.group_sums + (m0 + m) * groups8 + g8;
+      const __m256 total = _mm256_cvtepi32_ps(totals8(sums_of[m]));
+      acc[m] = _mm256_fmadd_ps(total, _mm256_mul_ps(scale, _mm256_loadu_ps(xs)), acc[m]);
+      acc[m] = _mm256_fmadd_ps(offset, _mm256_loadu_ps(sums), acc[m]);
     }
-    dot[m] = hsum(acc);
   }
+  for (int m = 0; m < ROWS; ++m) _mm256_storeu_ps(state + m * kState, acc[m]);
 #else
+  (void)ahead;
   for (int m = 0; m < ROWS; ++m) {
-    dot[m] = 0;
-    for (int64_t g = 0; g < groups; ++g) {
+    for (int64_t g = k0 / p.group; g < k1 / p.group; ++g) {
       int32_t total = 0;
       for (int64_t k = g * p.group; k < (g + 1) * p.group; k += 4) {  // a word of codes: columns k .. k + 3
         const uint16_t word = uint16_t(w[k / 2] | (w[k / 2 + 1] << 8));
-        const int16_t* x = xq + m * p.in + (k / step) * step + (k % step) / 4;
+        const int16_t* x = xq + m * ld + (k / step * step - k0) + (k % step) / 4;
         for (int run = 0; run < 4; ++run) total += ((word >> (4 * run)) & 15) * x[run * (step / 4)];
       }
       const float scale = bf16_to_float(sz[2 * g]), zero = bf16_to_float(sz[2 * g + 1]);
-      dot[m] += float(total) * scale * p.xscale[(m0 + m) * groups8 + g];
-      dot[m] += (zero - 8 * scale) * p.group_sums[(m0 + m) * groups8 + g];
+      state[m * kState] += float(total) * scale * p.xscale[(m0 + m) * groups8 + g];
+      state[m * kState] += (zero - 8 * scale) * p.group_sums[(m0 + m) * groups8 + g];
     }
   }
 #endif
-  for (int m = 0; m < ROWS; ++m) p.y[(m0 + m) * p.out + o] = dot[m];
 }
 
 // Row<n> for a tile of n rows (1 <= n <= N): the row functions are compiled for each count.
 template <template <int> class Row, int N>
-inline void run_tile(int64_t n, const Problem& p, const float* x, int64_t m0, int64_t o) {
+inline void part_of_tile(int64_t n, const Problem& p, int64_t m0, int64_t o, int64_t k0, int64_t k1, int64_t ahead,
+                         float* state) {
   if constexpr (N > 1) {
-    if (n < N) return run_tile<Row, N - 1>(n, p, x, m0, o);
+    if (n < N) return part_of_tile<Row, N - 1>(n, p, m0, o, k0, k1, ahead, state);
   }
-  Row<N>::run(p, x, m0, o);
+  Row<N>::part(p, m0, o, k0, k1, ahead, state);
 }
 
+template <template <int> class Row, int N>
+inline void finish_tile(int64_t n, const Problem& p, int64_t m0, int64_t o, const float* state) {
+  if constexpr (N > 1) {
+    if (n < N) return finish_tile<Row, N - 1>(n, p, m0, o, state);
+  }
+  Row<N>::finish(p, m0, o, state);
+}
+
+// Bytes from where the chunk [k0, ...) of weight row o starts to what the prefetches fetch meanwhile: the weights
+// kPrefetch bytes on in the same row when rows are taken whole, else the same chunk kPrefetchRows rows on in the
+// order the block is read.
+template <template <int> class Row>
+int64_t prefetch_ahead(const Problem& p, int64_t o, int64_t o0, int64_t o1, int64_t k0) {
+  if (p.chunk == p.in) return kPrefetch;
+  int64_t row = o + kPrefetchRows, k = k0;
+  if (row >= o1 && k0 + p.chunk < p.in) row -= o1 - o0, k += p.chunk;
+  if (row >= p.out) return kPrefetch;
+  return Row<1>::at(p, row, k) - Row<1>::at(p, o, k0);
+}
+
+// The weight rows [begin, end), kBlock at a time: each chunk of columns for every row of the block and every tile
+// of rows of x, the sums carried in `state` from chunk to chunk.
 template <template <int> class Row>
 void run_block(const Problem& p, int64_t begin, int64_t end) {
   constexpr int tile = Row<1>::kTile;
+  std::vector<float> state(kBlock * p.rows * kState);
   for (int64_t o0 = begin; o0 < end; o0 += kBlock) {
     const int64_t o1 = std::min(end, o0 + kBlock);
-    for (int64_t m0 = 0; m0 < p.rows; m0 += tile) {
-      const float* x = p.x ? p.x + m0 * p.in : nullptr;
-      for (int64_t o = o0; o < o1; ++o) run_tile<Row, tile>(std::min<int64_t>(tile, p.rows - m0), p, x, m0, o);
+    std::fill(state.begin(), state.end(), 0.0f);
+    for (int64_t k0 = 0; k0 < p.in; k0 += p.chunk) {
+      const int64_t k1 = std::min(p.in, k0 + p.chunk);
+      for (int64_t o = o0; o < o1; ++o) {
+        const int64_t ahead = prefetch_ahead<Row>(p, o, o0, o1, k0);
+        for (int64_t m0 = 0; m0 < p.rows; m0 += tile) {
+          float* s = state.data() + ((o - o0) * p.rows + m0) * kState;
+          part_of_tile<Row, tile>(std::min<int64_t>(tile, p.rows - m0), p, m0, o, k0, k1, ahead, s);
+        }
+      }
     }
+    for (int64_t o = o0; o < o1; ++o)
+      for (int64_t m0 = 0; m0 < p.rows; m0 += tile)
+        finish_tile<Row, tile>(std::min<int64_t>(tile, p.rows - m0), p, m0, o,
+                               state.data() + ((o - o0) * p.rows + m0) * kState);
   }
 }
-
-// `run_block` picks a row function by the number of rows in a tile (at most kTile); these wrap each kernel's for it.
-template <int R>
-struct Int8Row {
-  static constexpr int kTile = kFloatTile;
-  static void run(const Problem& p, const float* x, int64_t m, int64_t o) { int8_row<R>(p, x, m, o); }
-};
-template <int R>
-struct Int4Row {
-  static constexpr int kTile = kInt4Tile;
-  static void run(const Problem& p, const float* x, int64_t m, int64_t o) { int4_row<R>(p, x, m, o); }
-};
-template <int R>
-struct Bf16Row {
-  static constexpr int kTile = kFloatTile;
-  static void run(const Problem& p, const float* x, int64_t m, int64_t o) { bf16_row<R>(p, x, m, o); }
-};
 
 // Splits the outputs into `threads` slices of whole blocks, one per OpenMP thread. OpenMP, not threads of our own:
 // the library links the libgomp PyTorch has loaded, so these run on PyTorch's workers, which otherwise keep spinning
@@ -284,19 +392,32 @@ void run(const Problem& p, int threads) {
   }
 }
 
+// x packed for `chunk` columns at a time, in `buffer`; x itself when that is the same layout.
+const float* packed(const float* x, int64_t rows, int64_t in, int64_t chunk, std::vector<float>& buffer) {
+  if (chunk == in) return x;
+  buffer.resize(rows * in);
+  for (int64_t m = 0; m < rows; ++m)
+    for (int64_t k = 0; k < in; ++k) buffer[packed_at(m, k, rows, in, chunk)] = x[m * in + k];
+  return buffer.data();
+}
+
 }  // namespace
 
 extern "C" {
 
 void int8_matmul(const float* x, int64_t rows, int64_t in, const int8_t* q, const float* scale, int64_t out, float* y,
                  int threads) {
-  Problem p{x, rows, in, out, q, scale, nullptr, nullptr, 0, nullptr, nullptr, y};
+  const int64_t chunk = chunk_columns(rows, in, 4, 32);
+  std::vector<float> buffer;
+  Problem p{x, packed(x, rows, in, chunk, buffer), rows, in, out, q, scale, nullptr, nullptr, 0, nullptr, nullptr, y,
+            chunk};
   run<Int8Row>(p, threads);
 }
 
 void int4_matmul(const float* x, int64_t rows, int64_t in, const uint8_t* codes, const uint16_t* scale_zero,
                  int64_t group, int64_t out, float* y, int threads) {
   const int64_t groups = in / group, groups8 = (groups + 7) / 8 * 8, step = int4_step(group);
+  const int64_t chunk = chunk_columns(rows, in, 2, 8 * group);
   std::vector<int16_t> xq(rows * in);
   std::vector<float> xscale(rows * groups8), group_sums(rows * groups8);  // zero past the last group
   for (int64_t m = 0; m < rows; ++m) {
@@ -310,17 +431,20 @@ void int4_matmul(const float* x, int64_t rows, int64_t in, const uint8_t* codes,
       const float inverse = largest > 0 ? 32767 / largest : 0;
       xscale[m * groups8 + g] = largest / 32767;
       group_sums[m * groups8 + g] = sum;
-      int16_t* to = xq.data() + m * in;
       for (int64_t k = g * group; k < (g + 1) * group; ++k)
-        to[x_order(k, step)] = int16_t(std::lrint(from[k - g * group] * inverse));
+        xq[packed_at(m, x_order(k, step), rows, in, chunk)] = int16_t(std::lrint(from[k - g * group] * inverse));
     }
   }
-  Problem p{nullptr, rows, in, out, codes, nullptr, scale_zero, group_sums.data(), group, xq.data(), xscale.data(), y};
+  Problem p{nullptr, nullptr, rows,          in, out, codes, nullptr, scale_zero, group_sums.data(), group,
+            xq.data(), xscale.data(), y, chunk};
   run<Int4Row>(p, threads);
 }
 
 void bf16_matmul(const float* x, int64_t rows, int64_t in, const uint16_t* w, int64_t out, float* y, int threads) {
-  Problem p{x, rows, in, out, w, nullptr, nullptr, nullptr, 0, nullptr, nullptr, y};
+  const int64_t chunk = chunk_columns(rows, in, 4, 32);
+  std::vector<float> buffer;
+  Problem p{x,       packed(x, rows, in, chunk, buffer), rows, in, out, w, nullptr, nullptr, nullptr, 0, nullptr,
+            nullptr, y,                                  chunk};
   run<Bf16Row>(p, threads);
 }
 
