@@ -31,32 +31,41 @@ def dequantized_int4(q: torch.Tensor, scales_zeros: torch.Tensor, group: int) ->
     return ((q.double() - 8).view(out_f, in_f // group, group) * scale + zero).view(out_f, in_f)
 
 
+def quantized_x(x: torch.Tensor, group: int) -> torch.Tensor:
+    """x as the int8 and int4 kernels quantize it: to int16 per group of `group` columns (the last may be shorter),
+    each the group's largest magnitude over 32767 a step (float32 arithmetic, rounding half to even, as the C code
+    does)."""
+    padded = torch.nn.functional.pad(x, (0, -x.shape[-1] % group))
+    groups = padded.view(x.shape[0], -1, group)
+    largest = groups.abs().amax(-1, keepdim=True)
+    inverse = torch.where(largest > 0, torch.tensor(32767.0) / largest, torch.zeros(()))
+    quantized = (groups * inverse).round().double() * (largest / 32767).double()
+    return quantized.view(x.shape[0], -1)[:, : x.shape[-1]]
+
+
 # (24, 1100) and (40, 2080): several rows of x are taken in chunks of columns (16 KiB of x at a time), the last one
-# shorter, and the rest past the last 32 columns.
+# shorter; 50, 200 and 1100 end with a shorter group of int8's 128 columns, and with columns past the last 16 or 32.
 @pytest.mark.parametrize("rows", [1, 2, 3, 8, 11])
 @pytest.mark.parametrize("out_f,in_f", [(48, 64), (37, 50), (24, 200), (24, 1100), (40, 2080)])
 def test_int8_and_bf16_equal_float64(kernels, rows, out_f, in_f):
     torch.manual_seed(rows * out_f + in_f)
     w = torch.randn(out_f, in_f)
-    x = torch.randn(2, rows, in_f)
+    x = torch.randn(2 * rows, in_f)
     q, scale = int8_codes(w)
-    exact = x.double() @ (q.double() * scale.double()[:, None]).T
-    got = cpu_kernels.int8_matmul(kernels, x, q, scale.float())
-    assert got.shape == (2, rows, out_f) and got.dtype == torch.float32
+    # What the int8 kernel computes: the codes times x as quantized to int16 per 128 columns.
+    exact = quantized_x(x, 128) @ (q.double() * scale.double()[:, None]).T
+    got = cpu_kernels.int8_matmul(kernels, x.view(2, rows, in_f), q, scale.float()).view(2 * rows, out_f)
+    assert got.dtype == torch.float32
     torch.testing.assert_close(got.double(), exact, rtol=1e-5, atol=1e-5 * exact.abs().max().item())
+    # And close to the product with x unquantized: x's int16 steps move it far less than w's int8 steps do.
+    dequantized = q.double() * scale.double()[:, None]
+    true = x.double() @ dequantized.T
+    weights_error = (x.double() @ (dequantized - w.double()).T).abs().max()
+    assert (got.double() - true).abs().max() < min(1e-3 * true.abs().max(), 0.01 * weights_error)
     wb = w.bfloat16()
     exact = x.double() @ wb.double().T
-    got = cpu_kernels.bf16_matmul(kernels, x, wb)
+    got = cpu_kernels.bf16_matmul(kernels, x.view(2, rows, in_f), wb).view(2 * rows, out_f)
     torch.testing.assert_close(got.double(), exact, rtol=1e-5, atol=1e-5 * exact.abs().max().item())
-
-
-def quantized_x(x: torch.Tensor, group: int) -> torch.Tensor:
-    """x as the int4 kernel quantizes it: to int16 per group of `group` columns, each the group's largest magnitude
-    over 32767 a step (float32 arithmetic, rounding half to even, as the C code does)."""
-    groups = x.view(x.shape[0], -1, group)
-    largest = groups.abs().amax(-1, keepdim=True)
-    inverse = torch.where(largest > 0, torch.tensor(32767.0) / largest, torch.zeros(()))
-    return ((groups * inverse).round().double() * (largest / 32767).double()).view(x.shape)
 
 
 # Several rows of x are taken 8 groups of columns at a time or more (16 KiB of x): (32, 1056) and (128, 2432) end
