@@ -17,7 +17,7 @@
 
 namespace {
 
-constexpr int kFloatTile = 4;  // int8, bf16: rows of x multiplied together per pass over a weight row
+constexpr int kFloatTile = 4;  // bf16: rows of x multiplied together per pass over a weight row
 // Bytes ahead of the weights read now that each step asks the cache for: the hardware prefetcher alone left one
 // core's int4 loop waiting on its loads (17 -> 24 G weights/s on 2 cores with it; 1-8 KiB measured alike).
 constexpr int64_t kPrefetch = 2048;
@@ -103,16 +103,16 @@ inline void dot_finish(const float* x, int64_t in, const W* w, const float* stat
 }
 
 struct Problem {
-  const float* x;  // [rows, in] (int8, bf16)
-  const float* xp; // x packed by chunks (`packed_at`): the same as x when rows are taken whole
+  const float* x;             // bf16: [rows, in]
+  const float* xp;            // bf16: x packed by chunks (`packed_at`), x itself when rows are taken whole
   int64_t rows, in, out;
   const void* w;              // int8 [out, in] | uint8 [out, in / 2] | bf16 [out, in]
   const float* scale;         // int8: [out]
   const uint16_t* scale_zero; // int4: bf16 [out, in / group, 2]
   const float* group_sums;    // int4: [rows, groups8], the sum of x over each group (exact, in float)
   int64_t group;              // int4: a multiple of 32
-  const int16_t* xq;          // int4: x in int16, packed by chunks, its columns in the codes' order (`x_order`)
-  const float* xscale;        // int4: [rows, groups8], x ~ xq * xscale
+  const int16_t* xq;          // int8, int4: x in int16 (`quantized`), packed by chunks (int4: in the codes' order)
+  const float* xscale;        // int8, int4: [rows, groups8], x ~ xq * xscale
   float* y;                   // [rows, out]
   int64_t chunk;              // columns taken at a time (`chunk_columns`)
 };
@@ -217,7 +217,7 @@ inline __m256i totals8(const __m256i* s) {
 }
 #endif
 
-constexpr int kInt4Tile = 8;  // rows of x per pass over a weight row: 8 int sums + 4 code vectors fit 16 registers
+constexpr int kInt4Tile = 8;  // int4, int8: rows of x per pass over a weight row (8 int sums + the codes: 16 registers)
 
 // `part` adds the groups of columns [k0, k1) (whole multiples of 8 groups but at the end) to the float sums in
 // `state`; `finish` totals them.

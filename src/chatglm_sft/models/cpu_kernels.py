@@ -4,8 +4,9 @@ use with the machine's C++ compiler and called through ctypes.
 Why not PyTorch's own kernels: on a 2-core AVX2 host (AMD EPYC, no AVX512) `_weight_int4pack_mm_for_cpu` streamed a
 13696×4096 int4 weight for one row at ~6 GB/s of the ~18 GB/s the machine reads, and bf16 `F.linear` computed 8 rows
 at 20 GFLOPS (float32: 100+), so int4 decoding ran at a third of its weight-read bound and bf16 batches of 8 barely
-faster than one row. These loops stream each weight row once for every four rows of activations (int8, bf16) or
-eight (int4), prefetching ahead of the hardware (docs/benchmarks.md has the figures). They are used for up to
+faster than one row. These loops stream each weight row once for every four rows of activations (bf16) or eight
+(int8, int4: in integers, x quantized to int16 per group of columns), prefetching ahead of the hardware; several rows
+are taken a chunk of columns at a time, so that their activations stay in L1 (docs/benchmarks.md has the figures). They are used for up to
 `MAX_ROWS` rows of bf16 weights, prefill and larger batches keeping PyTorch's bf16 kernels; int8 and int4 layers use
 them for any number of rows (int8: as fast as PyTorch's kernel at 16-64 rows; int4: its codes are kept in this
 kernel's layout only, the saved one, so that the weights are not held twice).
@@ -111,7 +112,9 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
 
 
 def int8_matmul(lib: ctypes.CDLL, x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """x [..., in] @ (codes int8 [out, in] * scale float32 [out, 1]).T, in float32."""
+    """x [..., in] @ (codes int8 [out, in] * scale float32 [out, 1]).T, in float32. The kernel multiplies the codes
+    with x quantized to int16 per 128 columns (steps of 2^-15 of their largest value; the weights' int8 steps are 256
+    times coarser), exactly in integers."""
     rows = _rows(x)
     y = torch.empty(rows.shape[0], codes.shape[0])
     lib.int8_matmul(
