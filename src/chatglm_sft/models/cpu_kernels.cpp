@@ -217,7 +217,7 @@ inline __m256i totals8(const __m256i* s) {
 }
 #endif
 
-constexpr int kInt4Tile = 8;  // int4, int8: rows of x per pass over a weight row (8 int sums + the codes: 16 registers)
+constexpr int kInt4Tile = 8;  // int4, int8: rows of x per pass over a weight row (8 int sums + codes: 16 registers)
 
 // `part` adds the groups of columns [k0, k1) (whole multiples of 8 groups but at the end) to the float sums in
 // `state`; `finish` totals them.
@@ -482,7 +482,8 @@ struct QuantizedX {
 
 QuantizedX quantized(const float* x, int64_t rows, int64_t in, int64_t group, int64_t chunk, int64_t int4_step) {
   const int64_t groups = (in + group - 1) / group, groups8 = (groups + 7) / 8 * 8;
-  QuantizedX q{std::vector<int16_t>(rows * in), std::vector<float>(rows * groups8), std::vector<float>(rows * groups8)};
+  QuantizedX q{std::vector<int16_t>(rows * in), std::vector<float>(rows * groups8),
+               std::vector<float>(rows * groups8)};
   for (int64_t m = 0; m < rows; ++m) {
     for (int64_t g = 0; g < groups; ++g) {
       const int64_t begin = g * group, end = std::min(in, begin + group);

@@ -5,11 +5,11 @@ Why not PyTorch's own kernels: on a 2-core AVX2 host (AMD EPYC, no AVX512) `_wei
 13696×4096 int4 weight for one row at ~6 GB/s of the ~18 GB/s the machine reads, and bf16 `F.linear` computed 8 rows
 at 20 GFLOPS (float32: 100+), so int4 decoding ran at a third of its weight-read bound and bf16 batches of 8 barely
 faster than one row. These loops stream each weight row once for every four rows of activations (bf16) or eight
-(int8, int4: in integers, x quantized to int16 per group of columns), prefetching ahead of the hardware; several rows
-are taken a chunk of columns at a time, so that their activations stay in L1 (docs/benchmarks.md has the figures). They are used for up to
-`MAX_ROWS` rows of bf16 weights, prefill and larger batches keeping PyTorch's bf16 kernels; int8 and int4 layers use
-them for any number of rows (int8: as fast as PyTorch's kernel at 16-64 rows; int4: its codes are kept in this
-kernel's layout only, the saved one, so that the weights are not held twice).
+(int8, int4: in integers, x quantized to int16 per group of columns), prefetching ahead of the hardware; several
+rows are taken a chunk of columns at a time, so that their activations stay in L1 (docs/benchmarks.md has the
+figures). They are used for up to `MAX_ROWS` rows of bf16 weights, prefill and larger batches keeping PyTorch's bf16
+kernels; int8 and int4 layers use them for any number of rows (int8: 1.3-1.9x PyTorch's kernel at 16-64 rows;
+int4: its codes are kept in this kernel's layout only, the saved one, so that the weights are not held twice).
 
 No compiler, a failed build (each logged once), or `CHATGLM_SFT_CPU_KERNELS=0` leaves PyTorch's kernels in use.
 The library is cached in `cache_root()/kernels` (`~/.cache/chatglm-sft/kernels` by default), named by a hash of the
