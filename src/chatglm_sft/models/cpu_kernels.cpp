@@ -480,26 +480,63 @@ struct QuantizedX {
   std::vector<float> scale, sums;  // [rows, groups rounded up to 8]
 };
 
+// The largest magnitude and the sum of x[begin, end).
+inline void largest_and_sum(const float* x, int64_t begin, int64_t end, float& largest, float& sum) {
+  largest = 0, sum = 0;
+  int64_t k = begin;
+#ifdef __AVX2__
+  __m256 top = _mm256_setzero_ps(), total = _mm256_setzero_ps();
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  for (; k + 8 <= end; k += 8) {
+    const __m256 v = _mm256_loadu_ps(x + k);
+    top = _mm256_max_ps(top, _mm256_andnot_ps(sign, v));
+    total = _mm256_add_ps(total, v);
+  }
+  float lanes[8];
+  _mm256_storeu_ps(lanes, top);
+  for (float lane : lanes) largest = std::max(largest, lane);
+  sum = hsum(total);
+#endif
+  for (; k < end; ++k) {
+    largest = std::max(largest, std::fabs(x[k]));
+    sum += x[k];
+  }
+}
+
 QuantizedX quantized(const float* x, int64_t rows, int64_t in, int64_t group, int64_t chunk, int64_t int4_step) {
+  static constexpr int kRun[4] = {1, 0, 3, 2};  // as in `x_order`
   const int64_t groups = (in + group - 1) / group, groups8 = (groups + 7) / 8 * 8;
   QuantizedX q{std::vector<int16_t>(rows * in), std::vector<float>(rows * groups8),
                std::vector<float>(rows * groups8)};
   for (int64_t m = 0; m < rows; ++m) {
+    const float* from = x + m * in;
     for (int64_t g = 0; g < groups; ++g) {
       const int64_t begin = g * group, end = std::min(in, begin + group);
-      const float* from = x + m * in;
-      float largest = 0, sum = 0;
-      for (int64_t k = begin; k < end; ++k) {
-        largest = std::max(largest, std::fabs(from[k]));
-        sum += from[k];
-      }
+      float largest, sum;
+      largest_and_sum(from, begin, end, largest, sum);
       const float inverse = largest > 0 ? 32767 / largest : 0;
       q.scale[m * groups8 + g] = largest / 32767;
       q.sums[m * groups8 + g] = sum;
-      for (int64_t k = begin; k < end; ++k) {
-        const int64_t column = int4_step ? x_order(k, int4_step) : k;
-        q.xq[packed_at(m, column, rows, in, chunk)] = int16_t(std::lrint(from[k] * inverse));
+      // A group lies in one chunk: x's column k goes to q.xq[at + k] (`packed_at`, without a division a column).
+      const int64_t k0 = begin / chunk * chunk, at = k0 * rows + m * std::min(chunk, in - k0) - k0;
+      if (int4_step == 0) {
+        int64_t k = begin;
+#ifdef __AVX2__
+        // _mm256_cvtps_epi32 rounds as std::lrint does (to nearest, ties to even, the default rounding mode).
+        for (; k + 8 <= end; k += 8) {
+          const __m256i v = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(from + k), _mm256_set1_ps(inverse)));
+          const __m128i packed = _mm_packs_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+          _mm_storeu_si128(reinterpret_cast<__m128i*>(q.xq.data() + at + k), packed);
+        }
+#endif
+        for (; k < end; ++k) q.xq[at + k] = int16_t(std::lrint(from[k] * inverse));
+        continue;
       }
+      const int64_t run = int4_step / 4;  // column s + 4j + c of a step goes to s + kRun[c] * run + j (`x_order`)
+      for (int64_t step = begin; step < end; step += int4_step)
+        for (int c = 0; c < 4; ++c)
+          for (int64_t j = 0; j < run; ++j)
+            q.xq[at + step + kRun[c] * run + j] = int16_t(std::lrint(from[step + 4 * j + c] * inverse));
     }
   }
   return q;
