@@ -57,11 +57,11 @@ inline void load16(const uint16_t* w, int64_t k, __m256& a, __m256& b) {
 
 inline float weight_at(const uint16_t* w, int64_t k) { return bf16_to_float(w[k]); }
 
-// dot[m] = sum_k x[m, k] * w[k] for m < ROWS (int8 or bf16 w), in parts: `dot_part` adds the columns [k0, k1) (a
-// multiple of 32 apart; x: the rows' packed chunk, `ld` apart) to the sums carried in `state`, `dot_finish` totals
-// them. Each row keeps two sums in flight (32
-// columns a step, two products each), enough for one row to outrun memory; four rows then fit the 16 vector
-// registers. A row is summed in the same order however many rows come with it and however its columns are split.
+// dot[m] = sum_k x[m, k] * w[k] for m < ROWS (bf16 w), in parts: `dot_part` adds the columns [k0, k1) (a multiple
+// of 32 apart; x: the rows' packed chunk, `ld` apart) to the sums carried in `state`, `dot_finish` totals them. Each
+// row keeps two sums in flight (32 columns a step, two products each), enough for one row to outrun memory; four rows
+// then fit the 16 vector registers. A row is summed in the same order however many rows come with it and however its
+// columns are split.
 template <int ROWS, typename W>
 inline void dot_part(const float* x, int64_t ld, const W* w, int64_t k0, int64_t k1, int64_t ahead, float* state) {
 #ifdef __AVX2__
@@ -109,7 +109,7 @@ struct Problem {
   const void* w;              // int8 [out, in] | uint8 [out, in / 2] | bf16 [out, in]
   const float* scale;         // int8: [out]
   const uint16_t* scale_zero; // int4: bf16 [out, in / group, 2]
-  const float* group_sums;    // int4: [rows, groups8], the sum of x over each group (exact, in float)
+  const float* group_sums;    // int4: [rows, groups8], the sum of x over each group (in float)
   int64_t group;              // int4: a multiple of 32
   const int16_t* xq;          // int8, int4: x in int16 (`quantized`), packed by chunks (int4: in the codes' order)
   const float* xscale;        // int8, int4: [rows, groups8], x ~ xq * xscale
@@ -302,9 +302,9 @@ void Int4Row<ROWS>::part(const Problem& p, int64_t m0, int64_t o, int64_t k0, in
 
 // int8: y = scale_o * sum_g xscale_g (q . xq)_g, with x quantized to int16 per group of kInt8Group columns as for
 // int4 (the last group may be shorter) and q widened to int16: a group's products add up exactly in int32 (madd; 128
-// columns * 127 * 32767 fits), and only its total is converted to float. That is a third of the instructions of
-// converting every weight to float and multiplying in float, which at one row of x kept the loop from reading the
-// weights as fast as memory gives them (~18 of ~22 G weights/s on the 2-core AMD host).
+// columns * 128 * 32767 fits), and only its total is converted to float. Converting every weight to float and
+// multiplying in float took about three times the instructions a weight: 8 rows went from 35 to 45 G products/s on
+// the 2-core AMD host; one row reads the weights at about the same rate either way (~18 G/s of the ~22 it reads).
 constexpr int64_t kInt8Group = 128;
 
 #ifdef __AVX2__
@@ -472,9 +472,7 @@ const float* packed(const float* x, int64_t rows, int64_t in, int64_t chunk, std
   return buffer.data();
 }
 
-// x quantized to int16 for the int8 and int4 kernels: per group of `group` columns (the last may be shorter), steps
-// of 2^-15 of the group's largest magnitude; packed for `chunk` columns at a time, in the codes' column order for
-// int4 (`int4_step`: 32 or 64) or in x's own (0). Scales and exact sums per group, zero past the last group.
+// x in int16 for the int8 and int4 kernels (`quantized`).
 struct QuantizedX {
   std::vector<int16_t> xq;
   std::vector<float> scale, sums;  // [rows, groups rounded up to 8]
@@ -503,6 +501,9 @@ inline void largest_and_sum(const float* x, int64_t begin, int64_t end, float& l
   }
 }
 
+// x quantized to int16 per group of `group` columns (the last may be shorter), steps of 2^-15 of the group's largest
+// magnitude; packed for `chunk` columns at a time, in the codes' column order for int4 (`int4_step`: 32 or 64) or in
+// x's own (0). With each group's scale and sum (in float), zero past the last group.
 QuantizedX quantized(const float* x, int64_t rows, int64_t in, int64_t group, int64_t chunk, int64_t int4_step) {
   static constexpr int kRun[4] = {1, 0, 3, 2};  // as in `x_order`
   const int64_t groups = (in + group - 1) / group, groups8 = (groups + 7) / 8 * 8;
@@ -525,8 +526,8 @@ QuantizedX quantized(const float* x, int64_t rows, int64_t in, int64_t group, in
         // _mm256_cvtps_epi32 rounds as std::lrint does (to nearest, ties to even, the default rounding mode).
         for (; k + 8 <= end; k += 8) {
           const __m256i v = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(from + k), _mm256_set1_ps(inverse)));
-          const __m128i packed = _mm_packs_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
-          _mm_storeu_si128(reinterpret_cast<__m128i*>(q.xq.data() + at + k), packed);
+          const __m128i words = _mm_packs_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+          _mm_storeu_si128(reinterpret_cast<__m128i*>(q.xq.data() + at + k), words);
         }
 #endif
         for (; k < end; ++k) q.xq[at + k] = int16_t(std::lrint(from[k] * inverse));
@@ -550,8 +551,9 @@ void int8_matmul(const float* x, int64_t rows, int64_t in, const int8_t* q, cons
                  int threads) {
   const int64_t chunk = chunk_columns(rows, in, 2, 8 * kInt8Group);
   const QuantizedX xq = quantized(x, rows, in, kInt8Group, chunk, 0);
-  Problem p{nullptr, nullptr,         rows, in, out, q, scale, nullptr, nullptr, 0, xq.xq.data(), xq.scale.data(),
-            y,       chunk};
+  Problem p{};
+  p.rows = rows, p.in = in, p.out = out, p.w = q, p.scale = scale, p.xq = xq.xq.data(), p.xscale = xq.scale.data();
+  p.y = y, p.chunk = chunk;
   run<Int8Row>(p, threads);
 }
 
@@ -559,16 +561,18 @@ void int4_matmul(const float* x, int64_t rows, int64_t in, const uint8_t* codes,
                  int64_t group, int64_t out, float* y, int threads) {
   const int64_t chunk = chunk_columns(rows, in, 2, 8 * group);
   const QuantizedX xq = quantized(x, rows, in, group, chunk, int4_step(group));
-  Problem p{nullptr,         nullptr, rows, in, out, codes, nullptr, scale_zero, xq.sums.data(), group, xq.xq.data(),
-            xq.scale.data(), y,       chunk};
+  Problem p{};
+  p.rows = rows, p.in = in, p.out = out, p.w = codes, p.scale_zero = scale_zero, p.group_sums = xq.sums.data();
+  p.group = group, p.xq = xq.xq.data(), p.xscale = xq.scale.data(), p.y = y, p.chunk = chunk;
   run<Int4Row>(p, threads);
 }
 
 void bf16_matmul(const float* x, int64_t rows, int64_t in, const uint16_t* w, int64_t out, float* y, int threads) {
   const int64_t chunk = chunk_columns(rows, in, 4, 32);
   std::vector<float> buffer;
-  Problem p{x,       packed(x, rows, in, chunk, buffer), rows, in, out, w, nullptr, nullptr, nullptr, 0, nullptr,
-            nullptr, y,                                  chunk};
+  Problem p{};
+  p.x = x, p.xp = packed(x, rows, in, chunk, buffer), p.rows = rows, p.in = in, p.out = out, p.w = w, p.y = y;
+  p.chunk = chunk;
   run<Bf16Row>(p, threads);
 }
 
