@@ -219,6 +219,19 @@ inline __m256i totals8(const __m256i* s) {
 
 constexpr int kInt4Tile = 8;  // int4, int8: rows of x per pass over a weight row (8 int sums + codes: 16 registers)
 
+// y[m0 + m, o] = factor * the total of the float sums that the int8 and int4 kernels carry in `state` (8 lanes with
+// AVX2, one float without).
+template <int ROWS>
+inline void store_totals(const Problem& p, int64_t m0, int64_t o, const float* state, float factor) {
+  for (int m = 0; m < ROWS; ++m) {
+#ifdef __AVX2__
+    p.y[(m0 + m) * p.out + o] = hsum(_mm256_loadu_ps(state + m * kState)) * factor;
+#else
+    p.y[(m0 + m) * p.out + o] = state[m * kState] * factor;
+#endif
+  }
+}
+
 // `part` adds the groups of columns [k0, k1) (whole multiples of 8 groups but at the end) to the float sums in
 // `state`; `finish` totals them.
 template <int ROWS>
@@ -229,13 +242,7 @@ struct Int4Row {
   }
   static void part(const Problem& p, int64_t m0, int64_t o, int64_t k0, int64_t k1, int64_t ahead, float* state);
   static void finish(const Problem& p, int64_t m0, int64_t o, const float* state) {
-    for (int m = 0; m < ROWS; ++m) {
-#ifdef __AVX2__
-      p.y[(m0 + m) * p.out + o] = hsum(_mm256_loadu_ps(state + m * kState));
-#else
-      p.y[(m0 + m) * p.out + o] = state[m * kState];
-#endif
-    }
+    store_totals<ROWS>(p, m0, o, state, 1.0f);
   }
 };
 
@@ -338,13 +345,7 @@ struct Int8Row {
   }
   static void part(const Problem& p, int64_t m0, int64_t o, int64_t k0, int64_t k1, int64_t ahead, float* state);
   static void finish(const Problem& p, int64_t m0, int64_t o, const float* state) {
-    for (int m = 0; m < ROWS; ++m) {
-#ifdef __AVX2__
-      p.y[(m0 + m) * p.out + o] = hsum(_mm256_loadu_ps(state + m * kState)) * p.scale[o];
-#else
-      p.y[(m0 + m) * p.out + o] = state[m * kState] * p.scale[o];
-#endif
-    }
+    store_totals<ROWS>(p, m0, o, state, p.scale[o]);
   }
 };
 

@@ -36,8 +36,8 @@ from chatglm_sft.cache import cache_root
 logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
-# -fno-math-errno lets `std::lrint` (quantizing the int4 layers' activations) compile to one instruction instead of a
-# library call per element; the kernels never read errno.
+# -fno-math-errno lets `std::lrint` (quantizing the int8 and int4 layers' activations) compile to one instruction
+# instead of a library call per element; the kernels never read errno.
 FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-std=c++17", "-shared", "-fPIC", "-fopenmp"]
 MAX_ROWS = 8
 """Rows up to which bf16 layers take these loops (a decoding batch); more rows take PyTorch's kernels."""
