@@ -19,6 +19,7 @@ from chatglm_sft.families import Family, get_family
 from chatglm_sft.infer.sampling import SamplingParams, most_likely, next_tokens
 from chatglm_sft.models.architectures import architecture_of
 from chatglm_sft.models.cpu_activations import use_float32_activations
+from chatglm_sft.models.huge_pages import use_huge_pages
 from chatglm_sft.models.matvec import use_matvec_kernels
 from chatglm_sft.tools import decode_reply, parse_reply
 
@@ -49,7 +50,9 @@ class Engine:
 
     On the CPU the model's bf16 linear layers get a matrix-vector path for one-row inputs (in place:
     `chatglm_sft.models.matvec`), which is what a decode step at batch 1 is made of, and a quantized model computes
-    its activations in float32 where the CPU has no bf16 arithmetic (`chatglm_sft.models.cpu_activations`)."""
+    its activations in float32 where the CPU has no bf16 arithmetic (`chatglm_sft.models.cpu_activations`); its
+    large weights move into huge pages where the system gives those only on request (`chatglm_sft.models.huge_pages`).
+    """
 
     def __init__(self, model, tokenizer, family: Family | None = None):
         self.model = model
@@ -61,6 +64,7 @@ class Engine:
         if self.device.type == "cpu":
             use_matvec_kernels(model)
             use_float32_activations(model)
+            use_huge_pages(model)
 
     # --- low level: token ids -------------------------------------------------------------------------------------
 
