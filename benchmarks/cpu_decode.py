@@ -6,7 +6,10 @@ real 65,024 vocabulary and the real ChatGLM2 tokenizer from ../shared), converte
 its own converter. Greedy, a 32-token prompt, --new-tokens tokens, batch 1 (ours also at batch 8). For each
 precision both sides are loaded, then timed in alternating rounds (who goes first alternates) with the memory
 bandwidth measured in every round; the figures are medians over the rounds. The weight-read bound is bytes read per
-decode step / bandwidth. The last line is `ratio X` = our int4 tokens/s / chatglm.cpp q4_0 tokens/s at batch 1.
+decode step / bandwidth. The last line is `ratio X` = our int4 tokens/s / chatglm.cpp q4_0 tokens/s at batch 1, the
+median of the rounds' own ratios: the host's speed drifts from minute to minute, and the two sides of a round run
+seconds apart, so a round's ratio compares them at one speed (a ratio of medians can pair a fast round of one side
+with a slow one of the other).
 
     CMAKE_POLICY_VERSION_MINIMUM=3.5 pip install chatglm-cpp==0.4.2 tabulate    # or: pip install -e '.[bench]'
     python benchmarks/cpu_decode.py [--quick] [--layers 4] [--rounds 5] [--new-tokens 128]
@@ -179,6 +182,7 @@ def compare(folder: Path, ours_name: str, cpp_name: str, args, prompt: list[int]
         rounds["ours8"].append(ours.run([prompt] * 8, args.new_tokens)[1])
     result = {k: statistics.median(v) for k, v in rounds.items() if not k.endswith("_ids")}
     result |= {
+        "ratio": statistics.median(o / c for o, c in zip(rounds["ours"], rounds["cpp"], strict=True)),
         "cpp_read": cpp_read,
         "ours_read": ours.read,
         "cpp_load": cpp.load_seconds,
@@ -229,11 +233,11 @@ def main() -> None:
                     f"load {r[f'{side}_load']:5.2f} s"
                 )
             print(
-                f"{'':17s} ours/chatglm.cpp {r['ours'] / r['cpp']:.2f}; ours batch 8 {r['ours8']:6.1f} tok/s "
+                f"{'':17s} ours/chatglm.cpp {r['ratio']:.2f}; ours batch 8 {r['ours8']:6.1f} tok/s "
                 f"({r['ours8'] / r['ours']:.1f}x batch 1); bandwidth {r['bw'] / 1e9:.1f} GB/s; same first token "
                 f"{'yes' if r['same_first_token'] else 'NO'}, same first {r['same_prefix']} tokens"
             )
-        print(f"ratio {results['int4']['ours'] / results['int4']['cpp']:.2f}")
+        print(f"ratio {results['int4']['ratio']:.2f}")
 
 
 if __name__ == "__main__":
