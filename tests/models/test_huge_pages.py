@@ -74,3 +74,13 @@ def test_nothing_moves_where_the_system_does_not_ask(monkeypatch):
     pointer = model.embed.weight.data_ptr()
     assert huge_pages.use_huge_pages(model) == 0
     assert model.embed.weight.data_ptr() == pointer
+
+
+def test_turned_off_by_the_environment(monkeypatch):
+    monkeypatch.setenv("CHATGLM_SFT_HUGE_PAGES", "0")
+    huge_pages.advised_only.cache_clear()
+    try:
+        assert not huge_pages.advised_only()
+    finally:
+        monkeypatch.undo()
+        huge_pages.advised_only.cache_clear()
