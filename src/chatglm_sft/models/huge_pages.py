@@ -1,7 +1,7 @@
 """A model's large weights in transparent huge pages, for decoding on the CPU (Linux).
 
 A decode step streams every weight once. Read through 4 KiB pages that is one TLB miss every 4 KiB, and in a
-virtual machine (nested page tables) each miss is a long walk. Where the kernel gives huge pages only to memory that
+virtual machine (nested page tables) each miss is a long walk. Where Linux gives huge pages only to memory that
 asks for them (`/sys/kernel/mm/transparent_hugepage/enabled` = `madvise`, the default of many distributions),
 PyTorch's allocations get 4 KiB pages unless `THP_MEM_ALLOC_ENABLE=1` was set before the process's first
 allocation. So the engine copies each large weight, once, into memory advised `MADV_HUGEPAGE` before it is touched.
@@ -99,7 +99,9 @@ def use_huge_pages(model: nn.Module) -> int:
         if _movable(param.data):
             param.data = _copy(param.data)
             moved += 1
-    copies: dict[int, torch.Tensor] = {}  # a buffer registered in several modules is copied once
+    # A buffer registered in several modules is copied once. Its id stays its own: it is alive until the last of its
+    # modules is visited, and so is every buffer not visited yet.
+    copies: dict[int, torch.Tensor] = {}
     for module in model.modules():
         for name, buffer in module._buffers.items():
             if buffer is not None and (id(buffer) in copies or _movable(buffer)):
