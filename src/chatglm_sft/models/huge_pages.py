@@ -9,16 +9,17 @@ Measured on the 2-core AMD VM (docs/benchmarks.md): a bf16 matrix-vector product
 average, and a plain reduction over 1 GiB 25.2 -> 27.4 GB/s, which is why the decode benchmarks measure the bound
 in the same kind of memory (`empty`).
 
-The copy costs ~0.6 s per GiB of weights once, when the engine starts (1.5 s for the 2.5 GiB benchmark model
+The copy costs ~0.7 s per GiB of weights once, when the engine starts (1.5-1.7 s for the 2.5 GiB benchmark model
 here). Elsewhere (THP `always` or `never`, not Linux) nothing is copied: the weights already get what the system
 gives. `CHATGLM_SFT_HUGE_PAGES=0` turns the copy off.
 """
 
 from __future__ import annotations
 
-import ctypes
 import functools
 import logging
+import math
+import mmap
 import os
 from pathlib import Path
 
@@ -29,46 +30,42 @@ logger = logging.getLogger(__name__)
 
 HUGE_PAGE = 2 * 2**20
 MIN_BYTES = 4 * HUGE_PAGE
-"""Tensors smaller than this stay where they are (at most two partial huge pages at their ends are not advised)."""
-_MADV_HUGEPAGE = 14
+"""Tensors smaller than this stay where they are."""
 _MODE_FILE = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 
 
 @functools.cache
-def _madvise():
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        madvise = libc.madvise
-    except (OSError, AttributeError):
-        return None
-    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    madvise.restype = ctypes.c_int
-    return madvise
-
-
-@functools.cache
 def advised_only() -> bool:
-    """Whether this system gives huge pages only to memory advised so (THP mode `madvise`) and can advise, and the
-    copy is not turned off (`CHATGLM_SFT_HUGE_PAGES=0`)."""
-    if os.environ.get("CHATGLM_SFT_HUGE_PAGES", "1") == "0":
+    """Whether this system gives huge pages only to memory advised so (THP mode `madvise`) and Python can advise,
+    and the copy is not turned off (`CHATGLM_SFT_HUGE_PAGES=0`)."""
+    if os.environ.get("CHATGLM_SFT_HUGE_PAGES", "1") == "0" or not hasattr(mmap, "MADV_HUGEPAGE"):
         return False
     try:
-        mode = _MODE_FILE.read_text()
+        return "[madvise]" in _MODE_FILE.read_text()
     except OSError:
         return False
-    return "[madvise]" in mode and _madvise() is not None
 
 
 def empty(shape: tuple[int, ...] | torch.Size, dtype: torch.dtype) -> torch.Tensor:
-    """An uninitialised CPU tensor whose whole huge pages are advised `MADV_HUGEPAGE` (a plain one elsewhere)."""
-    tensor = torch.empty(shape, dtype=dtype)
+    """An uninitialised CPU tensor in huge pages where the system gives those on request (a plain one elsewhere).
+
+    Its memory is a fresh anonymous mapping, advised before anything touches it, starting on a huge page: memory
+    from `torch.empty` may be reused from the allocator's heap, already backed by 4 KiB pages that advice no longer
+    changes. The tensor holds the mapping, which is unmapped when the tensor is freed."""
     if not advised_only():
-        return tensor
-    begin = -(-tensor.data_ptr() // HUGE_PAGE) * HUGE_PAGE
-    end = (tensor.data_ptr() + tensor.numel() * tensor.element_size()) // HUGE_PAGE * HUGE_PAGE
-    if end > begin and _madvise()(begin, end - begin, _MADV_HUGEPAGE) != 0:
-        logger.debug("madvise(MADV_HUGEPAGE) failed: errno %d", ctypes.get_errno())
-    return tensor
+        return torch.empty(shape, dtype=dtype)
+    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    # The slack in front (to start on a huge page) is never touched, so never backed by memory; the tail after the
+    # last whole huge page is left to 4 KiB pages, where a huge one would waste up to 2 MiB a tensor.
+    mapping = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    whole = torch.frombuffer(mapping, dtype=torch.uint8)  # the tensor keeps `mapping` alive
+    start = -whole.data_ptr() % HUGE_PAGE  # a multiple of the 4 KiB page: mmap's start is page-aligned
+    try:
+        if nbytes >= HUGE_PAGE:
+            mapping.madvise(mmap.MADV_HUGEPAGE, start, nbytes // HUGE_PAGE * HUGE_PAGE)
+    except OSError as error:  # e.g. a kernel built without THP: 4 KiB pages, as torch.empty would give
+        logger.debug("madvise(MADV_HUGEPAGE) failed: %s", error)
+    return whole[start : start + nbytes].view(dtype).view(shape)
 
 
 def _movable(tensor: torch.Tensor) -> bool:
