@@ -164,15 +164,13 @@ struct Bf16Row {
 //
 // Codes unpack without shuffles: each 16-bit word of a step's bytes holds four codes, at bits 0, 4, 8 and 12 (the
 // columns 4j+1, 4j, 4j+3, 4j+2 of the portable layout, where a byte's high nibble is the even column), so masks and
-// shifts give four vectors of codes, and x is laid out to match (`x_order`). A step is 64 columns (32 bytes) when
+// shifts give four vectors of codes, and x is laid out to match (`kNibbleRun`). A step is 64 columns (32 bytes) when
 // the group allows it, else 32.
 inline int64_t int4_step(int64_t group) { return group % 64 == 0 ? 64 : 32; }
 
-// Where column k of x goes within its step of `step` columns: the run of its nibble's position, then its word.
-inline int64_t x_order(int64_t k, int64_t step) {
-  static constexpr int kRun[4] = {1, 0, 3, 2};  // column 4j + c is in run kRun[c]
-  return (k / step) * step + kRun[k % 4] * (step / 4) + (k % step) / 4;
-}
+// x's layout for int4: within a step of s columns, column 4j + c goes to kNibbleRun[c] * s / 4 + j (the run of its
+// code's nibble position, then its word).
+constexpr int kNibbleRun[4] = {1, 0, 3, 2};
 
 #ifdef __AVX2__
 // sums[m] (8 int32 lanes) += the products of one step's codes with the matching columns of each of ROWS rows of xq.
@@ -506,7 +504,6 @@ inline void largest_and_sum(const float* x, int64_t begin, int64_t end, float& l
 // magnitude; packed for `chunk` columns at a time, in the codes' column order for int4 (`int4_step`: 32 or 64) or in
 // x's own (0). With each group's scale and sum (in float), zero past the last group.
 QuantizedX quantized(const float* x, int64_t rows, int64_t in, int64_t group, int64_t chunk, int64_t int4_step) {
-  static constexpr int kRun[4] = {1, 0, 3, 2};  // as in `x_order`
   const int64_t groups = (in + group - 1) / group, groups8 = (groups + 7) / 8 * 8;
   QuantizedX q{std::vector<int16_t>(rows * in), std::vector<float>(rows * groups8),
                std::vector<float>(rows * groups8)};
@@ -534,11 +531,11 @@ QuantizedX quantized(const float* x, int64_t rows, int64_t in, int64_t group, in
         for (; k < end; ++k) q.xq[at + k] = int16_t(std::lrint(from[k] * inverse));
         continue;
       }
-      const int64_t run = int4_step / 4;  // column s + 4j + c of a step goes to s + kRun[c] * run + j (`x_order`)
+      const int64_t run = int4_step / 4;  // the columns of one nibble position in a step (`kNibbleRun`)
       for (int64_t step = begin; step < end; step += int4_step)
         for (int c = 0; c < 4; ++c)
           for (int64_t j = 0; j < run; ++j)
-            q.xq[at + step + kRun[c] * run + j] = int16_t(std::lrint(from[step + 4 * j + c] * inverse));
+            q.xq[at + step + kNibbleRun[c] * run + j] = int16_t(std::lrint(from[step + 4 * j + c] * inverse));
     }
   }
   return q;
