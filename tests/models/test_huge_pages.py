@@ -84,3 +84,42 @@ def test_turned_off_by_the_environment(monkeypatch):
     finally:
         monkeypatch.undo()
         huge_pages.advised_only.cache_clear()
+
+
+def test_a_conversion_lands_in_huge_pages_once(monkeypatch):
+    monkeypatch.setattr(huge_pages, "advised_only", lambda: True)
+    half = torch.randn(2048, 2048, dtype=torch.float16)  # 8 MiB; 16 MiB in float32
+    full = huge_pages.converted(half, torch.float32)
+    assert full.dtype == torch.float32 and torch.equal(full, half.float())
+    assert huge_pages.in_huge_pages(full) and not huge_pages.in_huge_pages(half)
+    assert huge_pages.converted(full, torch.float32) is full  # no conversion, no copy
+    small = huge_pages.converted(half[:4], torch.float32)
+    assert not huge_pages.in_huge_pages(small)  # below MIN_BYTES: a plain conversion
+
+    model = nn.Linear(2048, 2048, bias=False)
+    model.weight.data = full
+    assert huge_pages.use_huge_pages(model) == 0  # already there: not copied again
+    assert model.weight.data_ptr() == full.data_ptr()
+
+
+def test_a_freed_mapping_is_forgotten(monkeypatch):
+    monkeypatch.setattr(huge_pages, "advised_only", lambda: True)
+    tensor = huge_pages.empty((9 * 2**20,), torch.uint8)
+    address = tensor.data_ptr()
+    assert address in huge_pages._MAPPED
+    del tensor
+    assert address not in huge_pages._MAPPED  # whatever is given that address later is not taken for ours
+
+
+def test_the_loader_converts_into_huge_pages(monkeypatch, tiny_checkpoint):
+    import chatglm_sft
+
+    monkeypatch.setattr(huge_pages, "advised_only", lambda: True)
+    folder = tiny_checkpoint("chatglm2-6b", dtype=torch.float16)  # stored in float16, loaded in float32
+    model = chatglm_sft.load_model(folder, dtype=torch.float32)
+    embeddings, output = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+    assert embeddings.dtype == torch.float32 and embeddings.numel() * 4 >= huge_pages.MIN_BYTES
+    assert huge_pages.in_huge_pages(embeddings) and huge_pages.in_huge_pages(output)
+    pointers = (embeddings.data_ptr(), output.data_ptr())
+    huge_pages.use_huge_pages(model)
+    assert (embeddings.data_ptr(), output.data_ptr()) == pointers

@@ -10,8 +10,10 @@ average, and a plain reduction over 1 GiB 25.2 -> 27.4 GB/s, which is why the de
 in the same kind of memory (`empty`).
 
 The copy costs ~0.7 s per GiB of weights once, when the engine starts (1.5-1.7 s for the 2.5 GiB benchmark model
-here). Elsewhere (THP `always` or `never`, not Linux) nothing is copied: the weights already get what the system
-gives. `CHATGLM_SFT_HUGE_PAGES=0` turns the copy off.
+here). Weights the loader converts to another dtype (a copy anyway: THUDM's float16 ChatGLM2/3 loaded in bfloat16)
+are written into huge pages as they are converted (`converted`), and the engine leaves them where they are.
+Elsewhere (THP `always` or `never`, not Linux) nothing is copied: the weights already get what the system gives.
+`CHATGLM_SFT_HUGE_PAGES=0` turns the copy off.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import logging
 import math
 import mmap
 import os
+import weakref
 from pathlib import Path
 
 import torch
@@ -32,6 +35,8 @@ HUGE_PAGE = 2 * 2**20
 MIN_BYTES = 4 * HUGE_PAGE
 """Tensors smaller than this stay where they are."""
 _MODE_FILE = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+_MAPPED: dict[int, weakref.ref] = {}
+"""The address of each tensor `empty` made, while its mapping lives: tensors already in huge pages."""
 
 
 @functools.cache
@@ -65,7 +70,25 @@ def empty(shape: tuple[int, ...] | torch.Size, dtype: torch.dtype) -> torch.Tens
             mapping.madvise(mmap.MADV_HUGEPAGE, start, nbytes // HUGE_PAGE * HUGE_PAGE)
     except OSError as error:  # e.g. a kernel built without THP: 4 KiB pages, as torch.empty would give
         logger.debug("madvise(MADV_HUGEPAGE) failed: %s", error)
-    return whole[start : start + nbytes].view(dtype).view(shape)
+    tensor = whole[start : start + nbytes].view(dtype).view(shape)
+    address = tensor.data_ptr()
+    # Forgotten when the mapping is freed (with its last tensor), before anything else can be given that address.
+    _MAPPED[address] = weakref.ref(mapping, lambda _, address=address: _MAPPED.pop(address, None))
+    return tensor
+
+
+def in_huge_pages(tensor: torch.Tensor) -> bool:
+    """Whether `tensor` starts where a tensor made by `empty` does (its memory is already advised)."""
+    mapping = _MAPPED.get(tensor.data_ptr())
+    return mapping is not None and mapping() is not None
+
+
+def converted(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`tensor.to(dtype)` for a CPU tensor; where that is a copy of a large tensor, the copy is made in huge pages
+    (what the engine would otherwise copy it into once more)."""
+    if tensor.dtype == dtype or not advised_only() or tensor.numel() * dtype.itemsize < MIN_BYTES:
+        return tensor.to(dtype)
+    return _copy(tensor, dtype)
 
 
 def _movable(tensor: torch.Tensor) -> bool:
@@ -76,11 +99,12 @@ def _movable(tensor: torch.Tensor) -> bool:
         and nbytes >= MIN_BYTES
         and tensor.is_contiguous()
         and tensor.untyped_storage().nbytes() == nbytes
+        and not in_huge_pages(tensor)
     )
 
 
-def _copy(tensor: torch.Tensor) -> torch.Tensor:
-    moved = empty(tensor.shape, tensor.dtype)
+def _copy(tensor: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    moved = empty(tensor.shape, dtype or tensor.dtype)
     moved.copy_(tensor)
     return moved
 

@@ -15,6 +15,7 @@ from transformers import GenerationConfig, PreTrainedModel
 
 from chatglm_sft.errors import UserError
 from chatglm_sft.families import Family, detect_family, read_json
+from chatglm_sft.models import huge_pages
 from chatglm_sft.models.architectures import Architecture, architecture_of
 from chatglm_sft.models.checkpoint import iter_shards
 
@@ -76,8 +77,11 @@ def _assign_shards(
                         f"{model_dir}: tensor {name!r} has shape {tuple(new_tensor.shape)}, "
                         f"config implies {tuple(expected[new_name])}"
                     )
-                keep = new_name in keep_dtype
-                converted[new_name] = new_tensor.to(device=device, dtype=None if keep else dtype)
+                target = new_tensor.dtype if new_name in keep_dtype else dtype
+                if torch.device(device).type == "cpu":
+                    converted[new_name] = huge_pages.converted(new_tensor, target)
+                else:
+                    converted[new_name] = new_tensor.to(device=device, dtype=target)
         model.load_state_dict(converted, strict=False, assign=True)
         loaded.update(converted)
         del shard, converted
