@@ -62,6 +62,8 @@ def _assign_shards(
     expected = {name: t.shape for name, t in model.state_dict().items()}
     # A saved quantized model's buffers (int8/int4 codes, bf16 scales) keep their stored dtype.
     keep_dtype = {name for name, _ in model.named_buffers()}
+    # On the CPU a conversion (a copy anyway) is written into the huge pages the engine would copy the weight into.
+    on_cpu = torch.device(device).type == "cpu"
     loaded: set[str] = set()
     for shard in iter_shards(model_dir):
         converted = {}
@@ -78,7 +80,7 @@ def _assign_shards(
                         f"config implies {tuple(expected[new_name])}"
                     )
                 target = new_tensor.dtype if new_name in keep_dtype else dtype
-                if torch.device(device).type == "cpu":
+                if on_cpu:
                     converted[new_name] = huge_pages.converted(new_tensor, target)
                 else:
                     converted[new_name] = new_tensor.to(device=device, dtype=target)
