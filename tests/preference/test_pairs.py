@@ -42,6 +42,15 @@ def test_history_and_system_reach_the_prompt():
         ({"instruction": "q", "chosen": 3, "rejected": "a"}, "'chosen' must be a string"),
         ({"instruction": "q", "chosen": " ", "rejected": "a"}, "'chosen' is empty"),
         ({"prompt": [{"role": "assistant", "content": "x"}], "chosen": "a", "rejected": "b"}, "user"),
+        (
+            {"instruction": "q", "chosen": ["a"], "rejected": "b"},
+            "'chosen' must be a string .* a list holding a string",
+        ),
+        ({"instruction": "q", "chosen": True, "rejected": "b"}, "'chosen' must be a string .* not a boolean"),
+        ({"instruction": "q", "chosen": "a", "rejected": {"from": "gpt"}}, "'rejected': the message's 'value'"),
+        ({"instruction": "q", "chosen": {"text": "a"}, "rejected": "b"}, "'chosen' must be an assistant message"),
+        ({"chosen": ["a", "b"], "rejected": "c"}, r"field 'chosen': chosen\[0\] is not an object"),
+        ({"instruction": "q", "chosen": "a\n", "rejected": " a"}, "differ only in leading or trailing whitespace"),
     ],
 )
 def test_bad_pairs_are_refused(record, reason):

@@ -65,17 +65,42 @@ def _reply(data: dict, key: str) -> str:
         raise RecordError(f"missing field {key!r}")
     value = data[key]
     if isinstance(value, list) and len(value) == 1:
+        if not isinstance(value[0], dict):  # ["text"] is no documented shape; refused rather than guessed at
+            raise RecordError(
+                f"field {key!r} must be a string or one assistant message, not a list holding {_kind(value[0])}"
+            )
         value = value[0]
     if isinstance(value, dict):
         role = value.get("role", value.get("from"))
+        if role is None:
+            raise RecordError(f"field {key!r} must be an assistant message: the object has no 'role' (or 'from')")
         if role not in ("assistant", "gpt"):
             raise RecordError(f"field {key!r} must be an assistant message, not {role!r}")
-        value = value.get("content", value.get("value"))
+        text_key = "content" if "role" in value else "value"
+        if not isinstance(value.get(text_key), str):
+            raise RecordError(
+                f"field {key!r}: the message's {text_key!r} must be a string, not {_kind(value.get(text_key))}"
+            )
+        value = value[text_key]
     if not isinstance(value, str):
-        raise RecordError(f"field {key!r} must be a string or one assistant message, not {type(value).__name__}")
+        raise RecordError(f"field {key!r} must be a string or one assistant message, not {_kind(value)}")
     if not value.strip():
         raise RecordError(f"field {key!r} is empty")
     return value
+
+
+def _kind(value: object) -> str:
+    """A JSON value's kind as the user wrote it (`null`, not `NoneType`)."""
+    if value is None:
+        return "null"
+    return {
+        str: "a string",
+        bool: "a boolean",
+        int: "a number",
+        float: "a number",
+        list: "a list",
+        dict: "an object",
+    }.get(type(value), type(value).__name__)
 
 
 def _prompt_of(data: dict) -> list[dict]:
@@ -102,7 +127,10 @@ def _implicit(data: dict) -> tuple[list[dict], str, str]:
     for key in PAIR_FIELDS:
         if key not in data or data[key] is None:
             raise RecordError(f"missing field {key!r}")
-        messages = to_messages({"messages": data[key]}, "sharegpt", need_reply=True)
+        try:
+            messages = to_messages({"messages": data[key]}, "sharegpt", need_reply=True)
+        except RecordError as error:  # its messages are this field's: say so
+            raise RecordError(f"field {key!r}: {str(error).replace('messages[', f'{key}[')}") from None
         if messages[-1]["role"] != "assistant":
             raise RecordError(f"field {key!r} must end with an assistant message")
         sides.append(messages)
@@ -126,6 +154,10 @@ def to_pair(data: object) -> Pair:
         raise RecordError("chosen and rejected must both be non-empty")
     if chosen == rejected:
         raise RecordError("chosen and rejected are identical")
+    if chosen.strip() == rejected.strip():
+        # A preference for a space or newline is a data bug, and tokenizers that drop surrounding whitespace would
+        # encode the two alike: a pair without signal whose margin stays 0.
+        raise RecordError("chosen and rejected differ only in leading or trailing whitespace")
     return Pair(prompt, chosen, rejected)
 
 
