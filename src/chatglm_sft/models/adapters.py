@@ -7,6 +7,8 @@ not all land in the model is an error, never a silently unloaded adapter.
 
 from __future__ import annotations
 
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -18,6 +20,16 @@ from chatglm_sft.errors import UserError
 from chatglm_sft.families import Family, read_json
 from chatglm_sft.models.architectures import architecture_of
 from chatglm_sft.models.checkpoint import iter_shards
+
+
+@contextmanager
+def peft_wrapping():
+    """Inside, PEFT wraps a model without transformers' FutureWarning about `is_gradient_checkpointing`: PEFT reads
+    that deprecated alias itself on every wrap, so every LoRA run and adapter load printed it, and nothing a user
+    changes silences it."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
 
 
 def _adapter_state(adapter_dir: Path) -> dict[str, torch.Tensor]:
@@ -61,7 +73,8 @@ def _load_thudm_lora(model: PreTrainedModel, adapter_dir: Path, config: dict, fa
     converted = arch.lora_from_thudm(state, model.config)
     targets = sorted({t for name in _targets(config) for t in arch.thudm_lora_targets[name]})
     fields = {k: v for k, v in config.items() if k in ("r", "lora_alpha", "lora_dropout", "use_rslora", "bias")}
-    peft_model = get_peft_model(model, LoraConfig(target_modules=targets, **fields))
+    with peft_wrapping():
+        peft_model = get_peft_model(model, LoraConfig(target_modules=targets, **fields))
     try:
         result = set_peft_model_state_dict(peft_model, converted)
     except RuntimeError as e:
@@ -145,7 +158,8 @@ def load_adapter(model: PreTrainedModel, adapter_dir: str | Path, family: Family
             "(wrong base model or family?)"
         )
     try:
-        peft_model = PeftModel.from_pretrained(model, adapter_dir, is_trainable=False)
+        with peft_wrapping():
+            peft_model = PeftModel.from_pretrained(model, adapter_dir, is_trainable=False)
     except (RuntimeError, ValueError, KeyError) as e:  # shape mismatches and broken files
         raise UserError(f"{adapter_dir}: adapter does not fit this base model ({e})") from None
     _check_loaded(peft_model, _adapter_state(adapter_dir), adapter_dir)

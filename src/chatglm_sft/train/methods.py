@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 
 from chatglm_sft.errors import UserError
 from chatglm_sft.families import Family
+from chatglm_sft.models.adapters import peft_wrapping
 from chatglm_sft.models.architectures import architecture_of
 from chatglm_sft.train.config import TrainConfig
 
@@ -79,7 +80,8 @@ def _prepare_lora(model, config: TrainConfig, family: Family):
     if getattr(config, "ref_adapter", None):
         from peft import PeftModel
 
-        return PeftModel.from_pretrained(model, config.ref_adapter, is_trainable=True)
+        with peft_wrapping():
+            return PeftModel.from_pretrained(model, config.ref_adapter, is_trainable=True)
     targets = config.lora_targets or list(family.lora_targets)
     names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
     unknown = [t for t in targets if t not in names]
@@ -92,7 +94,8 @@ def _prepare_lora(model, config: TrainConfig, family: Family):
         target_modules=targets,
         task_type="CAUSAL_LM",
     )
-    return get_peft_model(model, lora)
+    with peft_wrapping():
+        return get_peft_model(model, lora)
 
 
 def _prepare_qlora(model, config: TrainConfig, family: Family):
