@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
@@ -100,3 +102,15 @@ def test_adapter_with_wrong_shapes_is_a_clear_error(base, tmp_path):
     write_checkpoint(other, config, random_thudm_glm_state(config))
     with pytest.raises(UserError, match="does not fit"):
         chatglm_sft.load_model(other, family="chatglm2-6b", adapter=tmp_path / "lora")
+
+
+def test_loading_an_adapter_prints_no_deprecation_from_peft(base, tmp_path):
+    # PEFT reads transformers' deprecated `is_gradient_checkpointing` on every wrap; users saw its FutureWarning on
+    # every LoRA run and adapter load. Other warnings still reach them.
+    _save_adapter(base, tmp_path / "lora", ["q_proj"])
+    with pytest.warns() as caught:
+        chatglm_sft.load_model(base, dtype=torch.float32, family="chatglm2-6b", adapter=tmp_path / "lora")
+        warnings.warn("a warning of our own", UserWarning, stacklevel=1)
+    messages = [str(w.message) for w in caught]
+    assert "a warning of our own" in messages
+    assert not [m for m in messages if "is_gradient_checkpointing" in m], messages
