@@ -201,11 +201,28 @@ def test_tokenized_pairs_are_cached_and_rebuilt_when_a_setting_changes(tiny_chec
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(preference, "encode_pairs", refuse)
         train_here(capsys, model, pairs, out, objective="dpo", max_steps=1)
-    train_here(capsys, model, pairs, out, objective="dpo", max_steps=1, max_length=24)
+    # Short enough to cut some pairs (those it cuts to the same tokens are left out: not the point here).
+    train_here(capsys, model, pairs, out, objective="dpo", max_steps=1, max_length=84)
     entries = sorted((out / "cache").iterdir())
     assert len(entries) == 2
     tokenizer = chatglm_sft.load_tokenizer(model)
-    expected = [encode_pair(tokenizer, pair, 24) for _, pair in check_pairs(pairs, tokenizer.family).good]
-    short = [e for e in map(load_from_disk, map(str, entries)) if max(map(len, e["chosen_ids"])) <= 24]
+    expected = [encode_pair(tokenizer, pair, 84) for _, pair in check_pairs(pairs, tokenizer.family).good]
+    short = [e for e in map(load_from_disk, map(str, entries)) if max(map(len, e["chosen_ids"])) <= 84]
+    assert any(len(p.chosen_ids) == 84 for p in expected)  # some were cut
     assert len(short) == 1 and list(short[0]["chosen_ids"]) == [p.chosen_ids for p in expected]
     assert list(short[0]["rejected_labels"]) == [p.rejected_labels for p in expected]
+
+
+def test_pairs_cut_to_the_same_tokens_are_left_out(tiny_checkpoint, tmp_path, capsys):
+    # Replies that differ only past --max-length would train as pairs with margin exactly 0: no signal, and a
+    # wrong answer in `rewards/accuracies` on every step. They are left out, said and listed, not trained on.
+    shared = "先把两个数相加，再检查一遍结果，" * 8
+    records = arithmetic_pairs(6) + [{"instruction": "2+2=?", "chosen": shared + "4", "rejected": shared + "5"}]
+    data = write_pairs(tmp_path / "pairs.json", records)
+    options = {"objective": "dpo", "method": "lora", "max_steps": 1, "max_length": 128}
+    said = train_here(capsys, tiny_checkpoint("chatglm2-6b"), data, tmp_path / "out", **options)
+    assert "leaving out 1 pair(s) that --max-length 128 cuts to the same tokens" in said
+    assert "6 pairs (0 held out)" in said
+    (rejected,) = map(json.loads, (tmp_path / "out" / "rejected.jsonl").read_text().splitlines())
+    assert rejected["line"] == 38 and "--max-length 128 cuts chosen and rejected" in rejected["reason"]
+    assert rejected["record"]["chosen"] == shared + "4"

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from chatglm_sft.conversation import IGNORE_INDEX
-from chatglm_sft.data.dataset import cache_key, write_rejected
+from chatglm_sft.data.dataset import BadRecord, cache_key, write_rejected
 from chatglm_sft.data.pairs import EncodedPair, check_pairs, encode_pair
 from chatglm_sft.errors import UserError
 from chatglm_sft.train.batching import pad_batch
@@ -156,20 +156,10 @@ class PreferenceTrainer(Trainer):
     def load_examples(self):
         c, d = self.config, self.d
         report = check_pairs(c.data, self.family)
-        if report.bad:
-            if c.on_bad_record == "error":
-                raise UserError(
-                    f"{report.bad[0]} ({len(report.bad)} bad pair(s) of {report.read}; run "
-                    "`chatglm-sft data check` for all of them, or pass --on-bad-record skip)"
-                )
-            if d.main:
-                write_rejected(report.bad, self.out / "rejected.jsonl")
-            _say(
-                d,
-                f"skipping {len(report.bad)} bad pair(s) of {report.read}; they are in {self.out / 'rejected.jsonl'}",
-            )
-        pairs = [pair for _, pair in report.good][: c.max_samples or None]
-        if not pairs:
+        self._refuse_or_skip(report)  # before encoding: a bad file fails at once
+        good = report.good[: c.max_samples or None]
+        if not good:
+            self._write_rejected(report.bad)
             raise UserError(f"{c.data}: no usable pairs")
         settings = {
             "kind": "pairs",
@@ -178,16 +168,49 @@ class PreferenceTrainer(Trainer):
             "on_bad_record": c.on_bad_record,
         }
         key = cache_key(c.data, c.model, self.family, settings)
-        build = partial(encode_pairs, self.tokenizer, pairs, c.max_length)
+        build = partial(encode_pairs, self.tokenizer, [pair for _, pair in good], c.max_length)
         columns = cached_by_rank0(d, self.out / "cache", key, build)
         encoded = [EncodedPair(*row) for row in zip(*(columns[f.name] for f in fields(EncodedPair)), strict=True)]
-        examples = [PairExample(i, pair) for i, pair in enumerate(encoded)]
+        # A pair cut to the same tokens on both sides carries no preference, and its margin, exactly 0, would count
+        # against `rewards/accuracies` on every step. Its data is fine (it is --max-length that cuts it), so it is
+        # left out, loudly, whatever --on-bad-record says, and listed with any bad records.
+        alike = {i for i, pair in enumerate(encoded) if pair.chosen_ids == pair.rejected_ids}
+        cut = f"--max-length {c.max_length} cuts chosen and rejected to the same tokens (they differ later)"
+        self._write_rejected(
+            report.bad + [BadRecord(str(c.data), good[i][0], cut, asdict(good[i][1])) for i in sorted(alike)]
+        )
+        if alike:
+            _say(
+                d,
+                f"leaving out {len(alike)} pair(s) that --max-length {c.max_length} cuts to the same tokens in chosen "
+                f"and rejected (raise it to keep them); they are in {self.out / 'rejected.jsonl'}",
+            )
+        kept = [pair for i, pair in enumerate(encoded) if i not in alike]
+        examples = [PairExample(i, pair) for i, pair in enumerate(kept)]
+        if not examples:
+            raise UserError(f"{c.data}: no usable pairs")
         order = list(range(len(examples)))
         random.Random(c.seed).shuffle(order)
         n_eval = int(len(examples) * (c.eval_split or 0.0))
         beta = f" (β {self.settings.beta:g})" if self.objective.beta is not None else ""
         _say(d, f"{len(examples)} pairs ({n_eval} held out), objective {c.objective}{beta}")
         return [examples[i] for i in sorted(order[n_eval:])], [examples[i] for i in sorted(order[:n_eval])]
+
+    def _refuse_or_skip(self, report) -> None:
+        """The file's bad pairs: the first as the error (--on-bad-record error), else how many are skipped."""
+        if not report.bad:
+            return
+        if self.config.on_bad_record == "error":
+            raise UserError(
+                f"{report.bad[0]} ({len(report.bad)} bad pair(s) of {report.read}; run "
+                "`chatglm-sft data check` for all of them, or pass --on-bad-record skip)"
+            )
+        rejected = self.out / "rejected.jsonl"
+        _say(self.d, f"skipping {len(report.bad)} bad pair(s) of {report.read}; they are in {rejected}")
+
+    def _write_rejected(self, bad: list[BadRecord]) -> None:
+        if bad and self.d.main:
+            write_rejected(bad, self.out / "rejected.jsonl")
 
     def example_length(self, example) -> int:
         return example.pair.length
