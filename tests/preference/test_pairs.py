@@ -34,6 +34,12 @@ def test_history_and_system_reach_the_prompt():
     assert [m["role"] for m in pair.prompt] == ["system", "user", "assistant", "user"]
 
 
+def test_messages_in_either_key_style_are_read():
+    record = {"instruction": "q", "chosen": {"from": "gpt", "content": "a"}, "rejected": {"role": "gpt", "value": "b"}}
+    pair = to_pair(record)
+    assert (pair.chosen, pair.rejected) == ("a", "b")
+
+
 @pytest.mark.parametrize(
     ("record", "reason"),
     [

@@ -76,7 +76,7 @@ def _reply(data: dict, key: str) -> str:
             raise RecordError(f"field {key!r} must be an assistant message: the object has no 'role' (or 'from')")
         if role not in ("assistant", "gpt"):
             raise RecordError(f"field {key!r} must be an assistant message, not {role!r}")
-        text_key = "content" if "role" in value else "value"
+        text_key = "content" if "content" in value or "value" not in value and "role" in value else "value"
         if not isinstance(value.get(text_key), str):
             raise RecordError(
                 f"field {key!r}: the message's {text_key!r} must be a string, not {_kind(value.get(text_key))}"
