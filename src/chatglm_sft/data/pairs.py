@@ -76,7 +76,8 @@ def _reply(data: dict, key: str) -> str:
             raise RecordError(f"field {key!r} must be an assistant message: the object has no 'role' (or 'from')")
         if role not in ("assistant", "gpt"):
             raise RecordError(f"field {key!r} must be an assistant message, not {role!r}")
-        text_key = "content" if "content" in value or "value" not in value and "role" in value else "value"
+        # The text under whichever key is there; when neither is, the error names the one of the role's style.
+        text_key = next((k for k in ("content", "value") if k in value), "content" if "role" in value else "value")
         if not isinstance(value.get(text_key), str):
             raise RecordError(
                 f"field {key!r}: the message's {text_key!r} must be a string, not {_kind(value.get(text_key))}"
