@@ -183,6 +183,8 @@ def _cmd_data_check(opts) -> int:
     if is_pair_file(opts.data):  # preference pairs: prompt, chosen, rejected
         report = check_pairs(opts.data, family)
         print(format_report(report))
+        if family is not None:
+            _report_cut_pairs(opts, report)
         return 1 if report.bad else 0
     if family is not None:
         from chatglm_sft.data.lengths import TokenCounter, workers_for
@@ -191,6 +193,23 @@ def _cmd_data_check(opts) -> int:
     report = check_records(opts.data, opts.format, opts.prompt_field, opts.response_field, family, on_good)
     print(format_report(report, counter.result() if counter else None))
     return 1 if report.bad else 0
+
+
+def _report_cut_pairs(opts, report) -> None:
+    """The good pairs that --max-length cuts to the same tokens in chosen and rejected, which training leaves out
+    (they are not bad records: a longer --max-length keeps them)."""
+    import chatglm_sft
+    from chatglm_sft.data.pairs import encode_pair
+
+    tokenizer = chatglm_sft.load_tokenizer(opts.ref.model, family=opts.ref.family)
+    cut = []
+    for line, pair in report.good:
+        encoded = encode_pair(tokenizer, pair, opts.max_length)
+        if encoded.chosen_ids == encoded.rejected_ids:
+            cut.append(line)
+    if cut:
+        print(f"cut to the same tokens by --max-length {opts.max_length} (training leaves them out): {len(cut)}")
+        print("\n".join(f"  {opts.data}:{line}" for line in cut[:20]) + ("\n  ..." if len(cut) > 20 else ""))
 
 
 def _cmd_data_tokenize(opts) -> int:

@@ -139,3 +139,17 @@ def test_check_pairs_with_a_family_renders_both_sides(tiny_checkpoint, tmp_path)
     family = chatglm_sft.families.get_family("chatglm3-6b")
     report = check_pairs(path, family)
     assert len(report.good) == 3 and not report.bad
+
+
+def test_data_check_with_a_model_lists_pairs_that_max_length_cuts_alike(tiny_checkpoint, tmp_path):
+    shared = "先把两个数相加，再检查一遍结果，" * 8
+    records = arithmetic_pairs(2) + [{"instruction": "2+2=?", "chosen": shared + "4", "rejected": shared + "5"}]
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in records) + "\n", encoding="utf-8")
+    model = str(tiny_checkpoint("chatglm2-6b"))
+    short = cli("data", "check", "--data", str(path), "--model", model, "--max-length", "128")
+    assert short.returncode == 0, short.stderr  # not bad records: a longer --max-length keeps them
+    assert "cut to the same tokens by --max-length 128 (training leaves them out): 1" in short.stdout
+    assert f"{path}:3\n" in short.stdout
+    long = cli("data", "check", "--data", str(path), "--model", model, "--max-length", "1024")
+    assert long.returncode == 0 and "cut to the same tokens" not in long.stdout
