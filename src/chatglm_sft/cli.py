@@ -202,11 +202,7 @@ def _report_cut_pairs(opts, report) -> None:
     from chatglm_sft.data.pairs import encode_pair
 
     tokenizer = chatglm_sft.load_tokenizer(opts.ref.model, family=opts.ref.family)
-    cut = []
-    for line, pair in report.good:
-        encoded = encode_pair(tokenizer, pair, opts.max_length)
-        if encoded.chosen_ids == encoded.rejected_ids:
-            cut.append(line)
+    cut = [line for line, pair in report.good if encode_pair(tokenizer, pair, opts.max_length).alike]
     if cut:
         print(f"cut to the same tokens by --max-length {opts.max_length} (training leaves them out): {len(cut)}")
         print("\n".join(f"  {opts.data}:{line}" for line in cut[:20]) + ("\n  ..." if len(cut) > 20 else ""))

@@ -48,6 +48,12 @@ class EncodedPair:
     def length(self) -> int:
         return max(len(self.chosen_ids), len(self.rejected_ids))
 
+    @property
+    def alike(self) -> bool:
+        """Whether truncation left chosen and rejected the same tokens: a pair without a preference, whose margin is
+        0 whatever the model (training leaves it out, `data check` lists it)."""
+        return self.chosen_ids == self.rejected_ids
+
 
 def is_pair_file(path: str | Path, look: int = 100) -> bool:
     """Whether the file's records are preference pairs (one of its first `look` records has chosen/rejected)."""

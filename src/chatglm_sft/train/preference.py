@@ -171,10 +171,10 @@ class PreferenceTrainer(Trainer):
         build = partial(encode_pairs, self.tokenizer, [pair for _, pair in good], c.max_length)
         columns = cached_by_rank0(d, self.out / "cache", key, build)
         encoded = [EncodedPair(*row) for row in zip(*(columns[f.name] for f in fields(EncodedPair)), strict=True)]
-        # A pair cut to the same tokens on both sides carries no preference, and its margin, exactly 0, would count
-        # against `rewards/accuracies` on every step. Its data is fine (it is --max-length that cuts it), so it is
-        # left out, loudly, whatever --on-bad-record says, and listed with any bad records.
-        alike = {i for i, pair in enumerate(encoded) if pair.chosen_ids == pair.rejected_ids}
+        # A pair cut to the same tokens would count against `rewards/accuracies` on every step. Its data is fine (it
+        # is --max-length that cuts it), so it is left out, loudly, whatever --on-bad-record says, and listed with
+        # any bad records.
+        alike = {i for i, pair in enumerate(encoded) if pair.alike}
         cut = f"--max-length {c.max_length} cuts chosen and rejected to the same tokens (they differ later)"
         self._write_rejected(
             report.bad + [BadRecord(str(c.data), good[i][0], cut, asdict(good[i][1])) for i in sorted(alike)]
