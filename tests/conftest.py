@@ -46,11 +46,13 @@ def cli(*args: str, **kw) -> subprocess.CompletedProcess:
 
 def train_in_processes(processes: int, *args: str) -> subprocess.CompletedProcess:
     """`chatglm-sft train ARGS` in one process, or under torchrun in `processes` (as users launch a sharded run);
-    a failed run fails the calling test with the launcher's error lines first."""
+    a failed run fails the calling test with the launcher's error lines first. DeepSpeed runs go through
+    `tests/cli_without_deepspeed_shm.py` (the same CLI, without compiling an op the tests do not need)."""
     launcher = [sys.executable]
     if processes > 1:
         launcher += ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(processes)]
-    result = subprocess.run([*launcher, "-m", "chatglm_sft", "train", *args], capture_output=True, text=True)
+    cli_module = "tests.cli_without_deepspeed_shm" if "deepspeed" in args else "chatglm_sft"
+    result = subprocess.run([*launcher, "-m", cli_module, "train", *args], capture_output=True, text=True)
     if result.returncode != 0:
         noteworthy = [line for line in result.stderr.splitlines() if "rror" in line or "terminate" in line]
         pytest.fail("\n".join([*noteworthy[:40], result.stderr[-3000:]]))
