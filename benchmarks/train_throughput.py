@@ -96,7 +96,7 @@ def trainer_class(side: str, vocab: int):
             labels = batch.pop("labels")
             with torch.autocast("cpu", dtype=self.autocast or torch.float32, enabled=self.autocast is not None):
                 logits = model(**batch, use_cache=False).logits
-            return answer_cross_entropy(logits, labels, reduction="sum")
+            return answer_cross_entropy(logits, labels, reduction="sum", overwrite_logits=True)
 
     return Folded if side == "ours" else AllLogits
 

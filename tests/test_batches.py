@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 from chatglm_sft.batches import IGNORE_INDEX, answer_cross_entropy, answer_positions, left_pad_ids
+from chatglm_sft.cross_entropy import cross_entropy_in_place
 from chatglm_sft.train.batching import pad_batch
 
 
@@ -35,3 +37,34 @@ def test_answer_loss_from_all_logits_equals_the_kept_ones_and_a_direct_sum():
     assert math.isclose(answer_cross_entropy(logits, labels, "sum").item(), direct, rel_tol=1e-6)
     assert math.isclose(answer_cross_entropy(kept, labels, "sum").item(), direct, rel_tol=1e-6)
     assert math.isclose(answer_cross_entropy(logits, labels).item(), direct / 4, rel_tol=1e-6)
+
+
+def test_the_training_loss_in_the_logits_memory_equals_cross_entropy_with_its_gradients():
+    torch.manual_seed(0)
+    hidden, weight = torch.randn(2, 6, 8), torch.randn(50, 8) * 3
+    labels = torch.tensor([[-100, -100, 3, 4, 5, 49], [-100, -100, -100, -100, 7, 0]])
+    results = []
+    for overwrite in (False, True):
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        for reduction in ("sum", "mean"):
+            # [N, V] as training keeps them, and [B, L, V]; a product, so the gradient must flow back through it
+            kept = h[answer_positions(labels)] @ w.T
+            loss = answer_cross_entropy(kept, labels, reduction, overwrite_logits=overwrite)
+            loss = loss + answer_cross_entropy(h @ w.T, labels, reduction, overwrite_logits=overwrite)
+            (loss * 3).backward()
+            results.append((loss.detach(), h.grad.clone(), w.grad.clone()))
+    for reference, in_place in zip(results[:2], results[2:], strict=True):
+        for a, b in zip(reference, in_place, strict=True):
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+    assert results[0][1].abs().sum() > 0
+
+
+def test_the_in_place_loss_refuses_logits_that_a_backward_still_needs():
+    logits = torch.randn(3, 7, requires_grad=True)
+    scaled = logits * 2
+    kept = scaled.exp()  # exp's backward reads its output: overwriting it would give a wrong gradient silently
+    loss = cross_entropy_in_place(kept, torch.tensor([0, 1, 2])).sum()
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+    with pytest.raises(TypeError, match="float32 or float64"):
+        cross_entropy_in_place(torch.randn(2, 4, dtype=torch.bfloat16), torch.tensor([0, 1]))

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from chatglm_sft.conversation import IGNORE_INDEX
+from chatglm_sft.cross_entropy import cross_entropy_in_place
 
 
 def left_pad(rows: Sequence[Sequence[int]], value: int, width: int | None = None) -> torch.Tensor:
@@ -39,11 +40,19 @@ def answer_positions(labels: torch.Tensor) -> torch.Tensor:
     return keep
 
 
-def answer_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+def answer_cross_entropy(
+    logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean", overwrite_logits: bool = False
+) -> torch.Tensor:
     """Cross-entropy of every learned token given the tokens before it, in float32, summed or averaged over those
-    tokens. `logits`: [B, L, V] for every position, or [N, V] for only the `answer_positions(labels)`."""
+    tokens. `logits`: [B, L, V] for every position, or [N, V] for only the `answer_positions(labels)`.
+    `overwrite_logits`: a training step's loss, whose logits nothing else reads: computed in their memory, with
+    less memory and time for the backward (`chatglm_sft.cross_entropy`)."""
     target = labels[:, 1:]
     learned = target != IGNORE_INDEX
     if logits.dim() == 3:
         logits = logits[:, :-1][learned]
-    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), target[learned], reduction=reduction)
+    logits, target = logits.float().reshape(-1, logits.shape[-1]), target[learned]
+    if not overwrite_logits:
+        return F.cross_entropy(logits, target, reduction=reduction)
+    losses = cross_entropy_in_place(logits, target)
+    return losses.sum() if reduction == "sum" else losses.mean()

@@ -288,7 +288,7 @@ class Trainer:
             self.d.device.type, dtype=self.autocast or torch.float32, enabled=self.autocast is not None
         ):
             logits = model(**batch, use_cache=False, logits_to_keep=answer_positions(labels)).logits
-        return answer_cross_entropy(logits, labels, reduction="sum")
+        return answer_cross_entropy(logits, labels, reduction="sum", overwrite_logits=True)
 
     # --- the loop -------------------------------------------------------------------------------------------------
 

@@ -23,9 +23,9 @@ from dataclasses import asdict, dataclass, fields
 from functools import partial
 
 import torch
-import torch.nn.functional as F
 
 from chatglm_sft.conversation import IGNORE_INDEX
+from chatglm_sft.cross_entropy import cross_entropy_in_place
 from chatglm_sft.data.dataset import BadRecord, cache_key, write_rejected
 from chatglm_sft.data.pairs import EncodedPair, check_pairs, encode_pair
 from chatglm_sft.errors import UserError
@@ -90,7 +90,7 @@ def sequence_logps(model, batch: dict[str, torch.Tensor], autocast: torch.dtype 
         ).logits
     logits = logits.reshape(-1, logits.shape[-1])
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # float32 at least
-    token_logps = -F.cross_entropy(logits, target[target != IGNORE_INDEX], reduction="none")
+    token_logps = -cross_entropy_in_place(logits, target[target != IGNORE_INDEX])  # the logits: read only here
     rows = keep.nonzero()[:, 0]
     sums = torch.zeros(labels.shape[0], dtype=token_logps.dtype, device=device).index_add(0, rows, token_logps)
     return sums, keep.sum(dim=1)
