@@ -1,5 +1,5 @@
-"""The training loss over the output layer: `F.cross_entropy` against `chatglm_sft.cross_entropy.cross_entropy_in_place`
-(the loss `train` uses), side by side in one run.
+"""The training loss over the output layer: `F.cross_entropy` against
+`chatglm_sft.cross_entropy.cross_entropy_in_place` (the loss `train` uses), side by side in one run.
 
 What one training step does after the last hidden states: logits for the answer tokens (hidden @ W^T), the summed
 cross-entropy, and the backward to the hidden states (and to W, as full fine-tuning also trains the output layer).

@@ -2,7 +2,7 @@
 LoRA fine-tune on the generated tool-use conversations, for a ChatGLM3-layout and a GLM-4-layout model
 (`chatglm_sft.tools.tiny_run`, the same run as tests/tools/test_tiny_tool_training.py; figures in docs/tools.md).
 
-    python benchmarks/tools_tiny.py OUTPUT_DIR [--family chatglm3-6b --family glm-4] [--steps 500] [--seed 0]
+    python benchmarks/tools_tiny.py OUTPUT_DIR [--family chatglm3-6b --family glm-4] [--steps 500] [--seed 1]
 """
 
 from __future__ import annotations
