@@ -59,12 +59,16 @@ def test_the_training_loss_in_the_logits_memory_equals_cross_entropy_with_its_gr
     assert results[0][1].abs().sum() > 0
 
 
-def test_the_in_place_loss_refuses_logits_that_a_backward_still_needs():
+def test_the_in_place_loss_refuses_logits_that_a_backward_still_needs_and_a_second_backward():
     logits = torch.randn(3, 7, requires_grad=True)
     scaled = logits * 2
     kept = scaled.exp()  # exp's backward reads its output: overwriting it would give a wrong gradient silently
     loss = cross_entropy_in_place(kept, torch.tensor([0, 1, 2])).sum()
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         loss.backward()
+    twice = cross_entropy_in_place(torch.randn(3, 7, requires_grad=True) * 1, torch.tensor([0, 1, 2])).sum()
+    twice.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="only once"):
+        twice.backward()
     with pytest.raises(TypeError, match="float32 or float64"):
         cross_entropy_in_place(torch.randn(2, 4, dtype=torch.bfloat16), torch.tensor([0, 1]))

@@ -33,6 +33,9 @@ class _CrossEntropyInPlace(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_losses: torch.Tensor):
+        if getattr(ctx, "scaled", False):  # a second backward (retain_graph=True) would scale it twice
+            raise RuntimeError("cross_entropy_in_place: its backward can run only once")
+        ctx.scaled = True
         (grad,) = ctx.saved_tensors
         return grad.mul_(grad_losses.unsqueeze(1)), None
 
