@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -28,15 +29,25 @@ TOKENIZE = SHARED / "reference" / "tokenize"
 DATA = SHARED / "data"
 
 
+_CACHE_KEY = pytest.StashKey[str]()
+
+
 def pytest_configure(config):
     """A tokenizer cache of this test session's own (see chatglm_sft.tokenization.cache): tests never read entries
     that another version of the code wrote, and the subprocesses they start share it."""
-    os.environ["CHATGLM_SFT_CACHE"] = tempfile.mkdtemp(prefix="chatglm-sft-test-cache-")
+    config.stash[_CACHE_KEY] = os.environ["CHATGLM_SFT_CACHE"] = tempfile.mkdtemp(prefix="chatglm-sft-test-cache-")
     if os.environ.get("PYTEST_XDIST_WORKER"):
         # One thread per xdist worker (and per process it starts): two workers with torch's default of one thread
         # per core oversubscribe the cores, and OpenMP's spinning threads then made steps several times slower.
         os.environ["OMP_NUM_THREADS"] = "1"
         torch.set_num_threads(1)
+
+
+def pytest_unconfigure(config):
+    """Remove this session's tokenizer cache: every run made a new one (25 MB), and a machine that runs the suite
+    often filled its disk with them."""
+    if _CACHE_KEY in config.stash:
+        shutil.rmtree(config.stash[_CACHE_KEY], ignore_errors=True)
 
 
 def cli(*args: str, **kw) -> subprocess.CompletedProcess:
