@@ -192,7 +192,11 @@ def encode_pair(tokenizer, pair: Pair, max_length: int) -> EncodedPair:
         conversation = [*messages, {"role": "assistant", "content": reply}]
         return encode_conversation(tokenizer, conversation, max_length=limit, last_turn_only=True)
 
-    longer = max((pair.chosen, pair.rejected), key=lambda r: len(encode(r, prompt).input_ids))
+    whole = {reply: encode(reply, prompt) for reply in (pair.chosen, pair.rejected)}
+    if all(len(side.input_ids) <= max_length for side in whole.values()):  # most pairs: nothing to cut
+        chosen, rejected = whole[pair.chosen], whole[pair.rejected]
+        return EncodedPair(chosen.input_ids, chosen.labels, rejected.input_ids, rejected.labels)
+    longer = max(whole, key=lambda reply: len(whole[reply].input_ids))
     head = prompt[:1] if prompt[0]["role"] == "system" else []
     body = prompt[len(head) :]
     while len(encode(longer, head + body).input_ids) > max_length:
