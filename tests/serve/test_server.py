@@ -145,6 +145,9 @@ GOOD = {"messages": [{"role": "user", "content": "hi"}]}
         (b'{"messages": [{"role": "user", "content": "hi"}], "top_k": -1}', 400),
         (b'{"model": "gpt-4", "messages": [{"role": "user", "content": "hi"}]}', 404),
         (b'{"messages": []}', 400),
+        (b'\xff\xfe{"messages": []}', 400),  # not UTF-8: FastAPI's own error, in OpenAI's body too
+        (b'{"messages": [{"role": "user", "content": "hi"}], "top_k": 40.5}', 400),
+        (b'{"messages": [{"role": "user", "content": "hi"}], "max_tokens": "5"}', 400),
     ],
 )
 def test_bad_requests_get_openai_errors(server, body, status):
@@ -197,6 +200,46 @@ def test_huge_bodies_get_413_at_once(server):
     r = httpx.post(f"{server}/v1/completions", content=chunked(), headers={"content-type": "application/json"})
     assert r.status_code == 413
     assert httpx.get(f"{server}/health").status_code == 200
+
+
+def test_unknown_routes_and_methods_get_openai_errors(server):
+    for response, status in ((httpx.get(f"{server}/v1/nothing"), 404), (httpx.get(f"{server}/v1/completions"), 405)):
+        assert response.status_code == status
+        assert response.json()["error"]["message"] and response.json()["error"]["type"]
+
+
+def test_whole_numbers_written_as_floats_are_integers(server):
+    """JSON has one number type: 40.0 is 40 (clients that keep numbers as floats send it)."""
+    body = {"messages": [{"role": "user", "content": "你好"}], "temperature": 0.7, "top_k": 40, "seed": 7}
+    as_ints = httpx.post(f"{server}/v1/chat/completions", json={**body, "max_tokens": 5}, timeout=60)
+    as_floats = httpx.post(
+        f"{server}/v1/chat/completions", json={**body, "max_tokens": 5.0, "top_k": 40.0, "seed": 7.0}, timeout=60
+    )
+    assert as_ints.status_code == as_floats.status_code == 200, as_floats.text
+    assert as_floats.json()["choices"][0]["message"] == as_ints.json()["choices"][0]["message"]
+    assert as_floats.json()["usage"]["completion_tokens"] <= 5
+
+
+def test_openapi_describes_the_answers(server):
+    spec = httpx.get(f"{server}/openapi.json").json()
+    assert '"422"' not in json.dumps(spec)  # validation errors are answered as 400s
+    for path in ("/v1/chat/completions", "/v1/completions", "/nlg/text_generate"):
+        responses = spec["paths"][path]["post"]["responses"]
+        for status in ("400", "401", "413", "429", "500"):
+            schema = responses[status]["content"]["application/json"]["schema"]
+            assert schema == {"$ref": "#/components/schemas/ErrorBody"}, (path, status)
+    assert "text/event-stream" in spec["paths"]["/v1/completions"]["post"]["responses"]["200"]["content"]
+    chat = spec["components"]["schemas"]["ChatRequest"]["properties"]
+    assert chat["top_k"]["type"] == "integer" and chat["top_k"]["minimum"] == 0
+    assert {"minimum": 1, "type": "integer"} in chat["max_tokens"]["anyOf"]
+    assert chat["presence_penalty"]["maximum"] == chat["presence_penalty"]["minimum"] == 0
+    assert chat["stop"]["anyOf"][1]["maxItems"] == 4
+
+
+def test_text_generate_default_length_fits_the_server_limit(server):
+    """Without max_new_tokens, the server's default (cut to --max-tokens-limit 240 here), not a fixed 256."""
+    r = httpx.post(f"{server}/nlg/text_generate", json={"instruction": "写一句诗"}, timeout=120)
+    assert r.status_code == 200, r.text
 
 
 def test_long_prompt_is_refused_and_text_generate_works(server):

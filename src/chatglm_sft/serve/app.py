@@ -13,9 +13,11 @@ import logging
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
 
 from chatglm_sft.infer.engine import Engine
 from chatglm_sft.serve.metrics import Metrics
+from chatglm_sft.serve.openapi import use_own_errors
 from chatglm_sft.serve.routes import ApiError, Limits, ServerState, router
 from chatglm_sft.serve.scheduler import make_scheduler
 
@@ -50,6 +52,7 @@ def create_app(
     app.state.scheduler = worker
     app.include_router(router)
     _add_error_handlers(app, metrics)
+    use_own_errors(app)
     if api_key:
         _require_key(app, api_key)
     app.add_middleware(BodyLimit, limit=max_body_bytes, metrics=metrics)
@@ -66,6 +69,14 @@ def _add_error_handlers(app: FastAPI, metrics: Metrics) -> None:
     async def _api_error(request: Request, e: ApiError):
         metrics.rejected.labels(status=str(e.status)).inc()
         return error_response(e.status, e.message, e.kind, e.param, e.code, e.headers)
+
+    @app.exception_handler(HTTPException)
+    async def _http_error(request: Request, e: HTTPException):
+        # FastAPI's and Starlette's own errors (an unknown path, a wrong method, a body that is not UTF-8 JSON), in
+        # the same body as every other error, so that OpenAI's clients can read them.
+        metrics.rejected.labels(status=str(e.status_code)).inc()
+        kind = "invalid_request_error" if e.status_code < 500 else "server_error"
+        return error_response(e.status_code, str(e.detail), kind, headers=e.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, e: RequestValidationError):

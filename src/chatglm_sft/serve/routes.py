@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import Response, StreamingResponse
+from fastapi.responses import PlainTextResponse, Response, StreamingResponse
 
 from chatglm_sft.conversation import encode_conversation
 from chatglm_sft.errors import UserError
@@ -26,11 +26,20 @@ from chatglm_sft.infer.engine import Engine
 from chatglm_sft.infer.sampling import SamplingParams
 from chatglm_sft.serve import convert
 from chatglm_sft.serve.metrics import Metrics
+from chatglm_sft.serve.openapi import error_responses
 from chatglm_sft.serve.scheduler import Job, QueueFull, Scheduler
 from chatglm_sft.serve.schemas import ChatRequest, CompletionRequest, SamplingFields, TextGenerateRequest
 from chatglm_sft.tools import decode_reply
 
 router = APIRouter()
+
+STREAMED = {
+    200: {
+        "description": "JSON, or with `stream: true` server-sent events: one JSON chunk each, then `[DONE]`.",
+        "content": {"text/event-stream": {"schema": {"type": "object", "properties": {"data": {"type": "string"}}}}},
+    }
+}
+GENERATION_RESPONSES = STREAMED | error_responses(400, 401, 404, 413, 429, 500)
 
 
 class ApiError(Exception):
@@ -81,12 +90,12 @@ async def health(request: Request):
     return {"status": "ok", "model": server_of(request).model_name}
 
 
-@router.get("/metrics")
+@router.get("/metrics", response_class=PlainTextResponse, responses=error_responses(401))
 async def metrics(request: Request):
     return Response(server_of(request).metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
 
-@router.get("/v1/models")
+@router.get("/v1/models", responses=error_responses(401))
 async def models(request: Request):
     server = server_of(request)
     ids = [server.model_name, *server.adapters]
@@ -94,7 +103,7 @@ async def models(request: Request):
     return {"object": "list", "data": data}
 
 
-@router.post("/v1/chat/completions")
+@router.post("/v1/chat/completions", responses=GENERATION_RESPONSES)
 async def chat_completions(body: ChatRequest, request: Request):
     server = server_of(request)
     adapter = adapter_for(server, body.model)
@@ -157,7 +166,7 @@ async def tool_reply(server: ServerState, job: Job, request: Request, body: Chat
     return sse(job, request, chunks())
 
 
-@router.post("/v1/completions")
+@router.post("/v1/completions", responses=GENERATION_RESPONSES)
 async def completions(body: CompletionRequest, request: Request):
     server = server_of(request)
     adapter = adapter_for(server, body.model)
@@ -177,7 +186,7 @@ async def completions(body: CompletionRequest, request: Request):
     return envelope(server, job, "text_completion", {"text": text, "finish_reason": reason}, usage=usage(job))
 
 
-@router.post("/nlg/text_generate")
+@router.post("/nlg/text_generate", responses=error_responses(400, 401, 413, 429, 500))
 async def text_generate(body: TextGenerateRequest, request: Request):
     server = server_of(request)
     content = f"{body.instruction}\n{body.text}" if body.text else body.instruction

@@ -10,7 +10,16 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, field_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictStr,
+    WithJsonSchema,
+    field_validator,
+)
 
 from chatglm_sft.infer.sampling import MIN_TEMPERATURE, SamplingParams
 from chatglm_sft.options import specs
@@ -50,6 +59,45 @@ def _check_temperature(value: float) -> float:
     if 0 < value < MIN_TEMPERATURE:
         raise ValueError(f"temperature must be 0 (greedy) or at least {MIN_TEMPERATURE:g}")
     return value
+
+
+# What the validators below accept, described in /openapi.json too: a schema-valid request is never refused by a
+# rule the schema does not show (clients generated from it, and fuzzers, rely on that).
+TEMPERATURE_SCHEMA = WithJsonSchema(
+    {"anyOf": [{"type": "number", "const": 0}, {"type": "number", "minimum": MIN_TEMPERATURE, "maximum": 2.0}]}
+)
+ZERO_ONLY_SCHEMA = WithJsonSchema(
+    {"type": "number", "minimum": 0, "maximum": 0, "description": "Only 0: use repetition_penalty (e.g. 1.1)."}
+)
+TOOL_SCHEMA = WithJsonSchema(
+    {
+        "type": "object",
+        "required": ["type"],
+        "properties": {
+            "type": {"type": "string"},
+            "function": {
+                "type": "object",
+                "required": ["name"],
+                "properties": {"name": {"type": "string", "minLength": 1}},
+            },
+        },
+        "if": {"properties": {"type": {"const": "function"}}},
+        "then": {"required": ["function"]},
+        "description": "A tool as OpenAI's API takes it; a `function` tool needs a function with a name.",
+    }
+)
+
+
+def _whole_float_as_int(value: Any) -> Any:
+    """JSON has one number type: 40.0 is the integer 40 (JSON Schema's `integer` admits it, and clients that keep
+    numbers as floats send it). 40.5 stays a float, which the strict integer check then refuses."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+def integer(**bounds: int) -> Any:
+    """An integer field within `bounds` (ge, le) that takes a whole number written as 40.0 too, never a string. The
+    bounds come before the validator: after it, pydantic writes them into the JSON schema under its own names."""
+    return Annotated[int, Field(**bounds), BeforeValidator(_whole_float_as_int)]
 
 
 class Strict(BaseModel):
@@ -102,23 +150,23 @@ class SamplingFields(Strict):
     """Fields shared by chat and text completions."""
 
     model: StrictStr | None = None
-    max_tokens: int | None = Field(default=None, ge=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
+    max_tokens: integer(ge=1) | None = None
+    max_completion_tokens: integer(ge=1) | None = None
     """OpenAI's newer name for max_tokens."""
-    temperature: float = Field(default=1.0, **TEMPERATURE)
+    temperature: Annotated[float, TEMPERATURE_SCHEMA] = Field(default=1.0, **TEMPERATURE)
     top_p: float = Field(default=1.0, **TOP_P)
-    top_k: int = Field(default=0, **TOP_K)
+    top_k: integer(**TOP_K) = 0
     repetition_penalty: float = Field(default=1.0, **PENALTY)
-    presence_penalty: float = Field(default=0.0, ge=-2, le=2)
-    frequency_penalty: float = Field(default=0.0, ge=-2, le=2)
-    seed: int | None = Field(default=None, **SEED)
-    n: int = Field(default=1, ge=1, le=1)
+    presence_penalty: Annotated[float, ZERO_ONLY_SCHEMA] = Field(default=0.0, ge=-2, le=2)
+    frequency_penalty: Annotated[float, ZERO_ONLY_SCHEMA] = Field(default=0.0, ge=-2, le=2)
+    seed: integer(**SEED) | None = None
+    n: integer(ge=1, le=1) = 1
     """One choice per request (several: send several requests; they are batched)."""
     stop: (
         Annotated[str, Field(max_length=MAX_STOP_CHARS)]
-        | list[Annotated[str, Field(max_length=MAX_STOP_CHARS)]]
+        | Annotated[list[Annotated[str, Field(max_length=MAX_STOP_CHARS)]], Field(max_length=MAX_STOP)]
         | None
-    ) = Field(default=None)
+    ) = None
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
 
@@ -129,13 +177,6 @@ class SamplingFields(Strict):
     def _openai_penalties(cls, value: float) -> float:
         if value != 0:
             raise ValueError("is not supported by this server; use repetition_penalty (e.g. 1.1)")
-        return value
-
-    @field_validator("stop")
-    @classmethod
-    def _stop_count(cls, value: Any) -> Any:
-        if isinstance(value, list) and len(value) > MAX_STOP:
-            raise ValueError(f"at most {MAX_STOP} stop strings")
         return value
 
     @property
@@ -161,7 +202,7 @@ class NamedToolChoice(Strict):
 
 class ChatRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
-    tools: list[dict[str, Any]] | None = Field(default=None, max_length=MAX_TOOLS)
+    tools: list[Annotated[dict[str, Any], TOOL_SCHEMA]] | None = Field(default=None, max_length=MAX_TOOLS)
     """Kept as sent: GLM-4's prompt shows each function object as the client wrote it."""
     tool_choice: Literal["auto", "none", "required"] | NamedToolChoice | None = None
 
@@ -169,11 +210,12 @@ class ChatRequest(SamplingFields):
     @classmethod
     def _tools_are_functions(cls, value: list[dict] | None) -> list[dict] | None:
         for i, tool in enumerate(value or []):
-            function = tool.get("function")
-            if tool.get("type") == "function" and not (isinstance(function, dict) and function.get("name")):
-                raise ValueError(f"tools[{i}] needs a function with a name")
             if not isinstance(tool.get("type"), str):
                 raise ValueError(f"tools[{i}] needs a type (function)")
+            if tool["type"] == "function" or "function" in tool:
+                function = tool.get("function")
+                if not (isinstance(function, dict) and isinstance(function.get("name"), str) and function["name"]):
+                    raise ValueError(f"tools[{i}] needs a function with a name")
         return value
 
 
@@ -186,10 +228,11 @@ class TextGenerateRequest(Strict):
 
     instruction: Annotated[str, Field(max_length=MAX_MESSAGE_CHARS)]
     text: Annotated[str, Field(max_length=MAX_MESSAGE_CHARS)] = ""
-    max_new_tokens: int = Field(default=256, ge=1)
-    temperature: float = Field(default=0.0, **TEMPERATURE)
+    max_new_tokens: integer(ge=1) | None = None
+    """Default: the server's (256, cut to --max-tokens-limit and to what the context leaves)."""
+    temperature: Annotated[float, TEMPERATURE_SCHEMA] = Field(default=0.0, **TEMPERATURE)
     top_p: float = Field(default=1.0, **TOP_P)
-    top_k: int = Field(default=0, **TOP_K)
+    top_k: integer(**TOP_K) = 0
     repetition_penalty: float = Field(default=1.0, **PENALTY)
 
     _temperature = field_validator("temperature")(_check_temperature)
