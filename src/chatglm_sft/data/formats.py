@@ -94,9 +94,10 @@ def _sharegpt(data: dict) -> list[dict]:
     for i, turn in enumerate(turns):
         if not isinstance(turn, dict):
             raise RecordError(f"{key}[{i}] is not an object")
-        role = _SHAREGPT_ROLES.get(turn.get(role_key))
+        source = turn.get(role_key)
+        role = _SHAREGPT_ROLES.get(source) if isinstance(source, str) else None
         if role is None:
-            raise RecordError(f"{key}[{i}]: unknown role {turn.get(role_key)!r}")
+            raise RecordError(f"{key}[{i}]: unknown role {source!r}")
         content = turn.get(content_key)
         if not isinstance(content, str):
             raise RecordError(f"{key}[{i}]: {content_key!r} must be a string")

@@ -61,6 +61,23 @@ def to_messages(data: dict, fmt: str) -> list[dict]:
     return messages
 
 
+_ROLES = ("system", "user", "assistant", "observation", *_SHAREGPT_RESULTS[1:])
+"""Roles a tool record's messages may have (tool and function results are read as observations)."""
+
+
+def _check_message(m: dict, where: str) -> None:
+    """A known role and text content (a tool or function result may be any JSON, which is written as JSON; a missing
+    content is empty): the checks the encoder makes, made here too, so that `data check` without --model and
+    preference pairs refuse what training would, naming the record's own field."""
+    role, content = m.get("role"), m.get("content")
+    if role not in _ROLES:
+        raise RecordError(f"{where}: unknown role {role!r} (expected one of {', '.join(_ROLES)})")
+    if role not in ("tool", "function") and content is not None and not isinstance(content, str):
+        raise RecordError(f"{where}: content must be a string")
+    if "loss" in m and not isinstance(m["loss"], bool):
+        raise RecordError(f"{where}: loss must be true or false")
+
+
 # --- tools -----------------------------------------------------------------------------------------------------------
 
 
@@ -116,6 +133,7 @@ def _turns(data: dict, key: str) -> list:
 def _openai(data: dict) -> list[dict]:
     messages = _tools_message(check_tools(data.get("tools")))
     for i, m in enumerate(_turns(data, "messages")):
+        _check_message(m, f"messages[{i}]")
         m = dict(m)
         if m.get("role") == "system" and m.get("tools") is not None:
             m["tools"] = _without_null_properties(check_tools(m["tools"], f"messages[{i}].tools"))
@@ -123,8 +141,10 @@ def _openai(data: dict) -> list[dict]:
             m.pop("tools", None)  # THUDM's GLM-4 fine-tuning ignores tools anywhere but on a system message
         if m.get("role") == "assistant" and m.get("metadata") and not m.get("tool_calls"):
             # GLM-4's own form of a call: the tool name as metadata, the JSON arguments as content
+            if not isinstance(m["metadata"], str):
+                raise RecordError(f"messages[{i}]: metadata (the called tool's name) must be a string")
             m["tool_calls"] = [
-                {"type": "function", "function": {"name": m.pop("metadata"), "arguments": m["content"]}}
+                {"type": "function", "function": {"name": m.pop("metadata"), "arguments": m.get("content")}}
             ]
             m["content"] = None
         messages.append(m)
@@ -135,7 +155,8 @@ def _without_null_properties(tools: list[dict]) -> list[dict]:
     """THUDM's `process_message`: properties whose schema is null are dropped (top level of `properties` only)."""
     out = []
     for tool in tools:
-        properties = ((tool.get("function") or {}).get("parameters") or {}).get("properties")
+        parameters = (tool.get("function") or {}).get("parameters")
+        properties = parameters.get("properties") if isinstance(parameters, dict) else None
         if isinstance(properties, dict) and any(v is None for v in properties.values()):
             function = dict(tool["function"])
             function["parameters"] = {
@@ -160,7 +181,7 @@ def _sharegpt(data: dict) -> list[dict]:
             messages.append({"role": "assistant", "content": None, "tool_calls": _sharegpt_calls(i, value)})
         elif source in _SHAREGPT_RESULTS:
             messages.append({"role": "tool", "content": value})
-        elif source in _SHAREGPT_ROLES:
+        elif isinstance(source, str) and source in _SHAREGPT_ROLES:
             messages.append({"role": _SHAREGPT_ROLES[source], "content": value})
         else:
             raise RecordError(f"conversations[{i}]: unknown role {source!r}")
@@ -187,6 +208,7 @@ def _chatglm3(data: dict) -> list[dict]:
     for i, item in enumerate(_turns(data, "conversations")):
         loss = {"loss": item["loss"]} if "loss" in item else {}
         if item.get("role") != "tool":
+            _check_message(item, f"conversations[{i}]")
             messages.append({"role": item.get("role"), "content": item.get("content"), **loss})
             continue
         if not isinstance(item.get("name"), str) or not item["name"]:
