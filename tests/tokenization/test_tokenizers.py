@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import random
 
@@ -129,6 +130,33 @@ def test_exported_generated_tokenizer_equals_ours_in_plain_transformers(tmp_path
         # A whole conversation as training sees it: the last reply and the token that ends it.
         assert plain.apply_chat_template(conversation, return_dict=False) == ours.apply_chat_template(conversation)
     assert load_tokenizer(tmp_path).family.name == ours.family.name
+
+
+@pytest.mark.parametrize("name", ["chatglm2-6b", "chatglm3-6b", "glm-4-9b-chat"])
+def test_exported_template_equals_ours_on_empty_and_blank_messages(tmp_path, tiny_checkpoint, name):
+    """Every conversation of one or two messages whose contents are empty, blank or not: an empty text has no tokens
+    (not even SentencePiece's dummy prefix), which a template that writes ' ' + content would get wrong."""
+    folder = tiny_checkpoint(name)
+    ours = load_tokenizer(folder)
+    export_hf_tokenizer(ours.family, folder, tmp_path)
+    plain = AutoTokenizer.from_pretrained(tmp_path)
+    roles = ["system", "user", "assistant"] + (["observation"] if name != "chatglm2-6b" else [])
+    checked = 0
+    for n in (1, 2):
+        for chosen_roles in itertools.product(roles, repeat=n):
+            for contents in itertools.product(["", "x", " ", "\n"], repeat=n):
+                messages = [{"role": r, "content": c} for r, c in zip(chosen_roles, contents, strict=True)]
+                for generation in (True, False):
+                    try:
+                        expected = ours.apply_chat_template(
+                            messages, add_generation_prompt=generation, return_dict=False
+                        )
+                    except UserError:  # a conversation the family's template refuses
+                        continue
+                    got = plain.apply_chat_template(messages, add_generation_prompt=generation, return_dict=False)
+                    assert got == expected, (messages, generation)
+                    checked += 1
+    assert checked >= 50
 
 
 def test_round_templates_refuse_a_generation_prompt_after_a_reply(tmp_path, tiny_checkpoint):

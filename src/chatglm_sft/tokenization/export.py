@@ -30,14 +30,15 @@ _CHATGLM2 = (
     "{{- '<|chatglm-[gMASK]|><|chatglm-sop|>' -}}"
     "{%- set ns = namespace(round=0) -%}"
     "{%- for m in messages -%}"
-    "{%- if m['role'] == 'system' -%}{{- m['content'] + '\\n\\n' -}}"
+    # An empty system or last reply writes nothing, as the encoder (an empty text has no tokens, no dummy prefix).
+    "{%- if m['role'] == 'system' -%}{%- if m['content'] -%}{{- m['content'] + '\\n\\n' -}}{%- endif -%}"
     "{%- elif m['role'] == 'user' -%}{%- set ns.round = ns.round + 1 -%}"
     "{{- '[Round ' ~ ns.round ~ ']\\n\\n问：' ~ m['content'] ~ '\\n\\n答：' -}}"
     "{%- elif m['role'] == 'assistant' and not loop.last -%}{{- m['content'] + '\\n\\n' -}}"
     # A last reply is a training target: encoded on its own (hence the dummy-prefix space), then the end token.
     "{%- elif m['role'] == 'assistant' and add_generation_prompt -%}"
     "{{- raise_exception('the chatglm2-6b template needs a user message last to prompt for a reply') -}}"
-    "{%- elif m['role'] == 'assistant' -%}{{- ' ' + m['content'] + eos_token -}}"
+    "{%- elif m['role'] == 'assistant' -%}{{- (' ' + m['content'] if m['content'] else '') + eos_token -}}"
     "{%- endif -%}"
     "{%- endfor -%}"
 )
@@ -154,7 +155,7 @@ _TOOL_CONVERSATION = r"""
 {%- if add_generation_prompt -%}{{- generation -}}{%- else -%}{{- reply_end -}}{%- endif -%}
 """
 # ChatGLM3 encodes "{metadata}\n" and the content separately, each with SentencePiece's dummy prefix: the space
-# after the newline stands for the content's own prefix.
+# after the newline stands for the content's own prefix (an empty content has none: no tokens at all).
 _CHATGLM3 = (
     _PY_REPR
     + _JSON_TO_KWARGS
@@ -163,7 +164,7 @@ _CHATGLM3 = (
 {%- set generation = '<|chatglm-assistant|>' -%}
 {%- set reply_end = eos_token -%}
 {%- macro message(role, metadata, content) -%}
-{{- '<|chatglm-' ~ role ~ '|>' ~ metadata ~ '\n ' ~ content -}}
+{{- '<|chatglm-' ~ role ~ '|>' ~ metadata ~ '\n' ~ (' ' ~ content if content else '') -}}
 {%- endmacro -%}
 {%- macro tools_block(tools, content) -%}
 {%- set ns = namespace(plain=[]) -%}
