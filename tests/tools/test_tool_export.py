@@ -50,14 +50,15 @@ def test_exported_template_equals_encoder_on_random_tool_conversations(tiny_chec
     folder = tiny_checkpoint(family)
     ours, plain = chatglm_sft.load_tokenizer(folder), exported(folder, tmp_path)
     rng = random.Random(family)
-    for _ in range(25):
+    for _ in range(40):
         messages = [dict(m) for m in CONVERSATION]
         calls = []
         for k in range(rng.randint(1, 3)):
             _, arguments = random_call(rng)
             calls.append({"id": f"c{k}", "type": "function", "function": {"name": f"f{k}", "arguments": arguments}})
         messages[2] = {"role": "assistant", "content": rng.choice([None, "", "想一想。"]), "tool_calls": calls}
-        messages[3:] = [{"role": "tool", "content": rng.choice(["ok", '{"a": 1}', "多行\n结果"])} for _ in calls]
+        results = ["ok", '{"a": 1}', "多行\n结果", "", None, {"t": 1}]
+        messages[3:] = [{"role": "tool", "content": rng.choice(results)} for _ in calls]
         tools = rng.choice([None, [WEATHER], [WEATHER, *BUILTINS]])
         expected = ours.apply_chat_template(messages, tools=tools, add_generation_prompt=True, return_dict=False)
         got = plain.apply_chat_template(messages, tools=tools, add_generation_prompt=True, return_dict=False)

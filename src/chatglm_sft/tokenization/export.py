@@ -135,7 +135,7 @@ _JSON_TO_KWARGS = r"""
 # each family's own.
 _TOOL_CONVERSATION = r"""
 {%- macro result_text(c) -%}
-{%- if c is none -%}{%- elif c is string -%}{{- c -}}{%- else -%}{{- c | tojson -}}{%- endif -%}
+{%- if c is none or c is undefined -%}{%- elif c is string -%}{{- c -}}{%- else -%}{{- c | tojson -}}{%- endif -%}
 {%- endmacro -%}
 {{- prefix -}}
 {%- if tools -%}{{- tools_block(tools, '') -}}{%- endif -%}
