@@ -82,10 +82,12 @@ def test_pairs_of_the_wrong_shape_are_bad_records(tmp_path):
         },
         {"conversations": [{"from": ["human"], "value": "q"}], "chosen": "a", "rejected": "b"},
         {"messages": [{"role": "user", "content": "q"}], "tools": [TOOL], "chosen": "a", "rejected": "b"},
+        {"instruction": "q", "output": "a"},  # an SFT record
     ]
     report = check_pairs(write(tmp_path / "p.jsonl", pairs))
-    assert [b.line for b in report.bad] == [1, 2] and len(report.good) == 1
+    assert [b.line for b in report.bad] == [1, 2, 4] and len(report.good) == 1
     assert "unknown role" in report.bad[0].reason and "unknown role" in report.bad[1].reason
+    assert "not a preference pair" in report.bad[2].reason
 
 
 def test_data_check_without_a_model_refuses_what_training_would(tmp_path):
