@@ -152,7 +152,9 @@ def to_pair(data: object) -> Pair:
     if not isinstance(data, dict):
         raise RecordError(f"record is not a JSON object but {type(data).__name__}")
     if not any(key in data for key in PAIR_FIELDS):
-        raise RecordError("no 'chosen' or 'rejected' field: not a preference pair (an SFT record? use --objective sft)")
+        raise RecordError(
+            "no 'chosen' or 'rejected' field: not a preference pair (an SFT record? use --objective sft)"
+        )
     implicit = "prompt" not in data and isinstance(data.get("chosen"), list) and len(data["chosen"]) > 1
     if implicit:
         prompt, chosen, rejected = _implicit(data)

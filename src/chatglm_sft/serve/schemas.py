@@ -64,7 +64,12 @@ def _check_temperature(value: float) -> float:
 # What the validators below accept, described in /openapi.json too: a schema-valid request is never refused by a
 # rule the schema does not show (clients generated from it, and fuzzers, rely on that).
 TEMPERATURE_SCHEMA = WithJsonSchema(
-    {"anyOf": [{"type": "number", "const": 0}, {"type": "number", "minimum": MIN_TEMPERATURE, "maximum": 2.0}]}
+    {
+        "anyOf": [
+            {"type": "number", "const": 0},
+            {"type": "number", "minimum": MIN_TEMPERATURE, "maximum": MAX_TEMPERATURE},
+        ]
+    }
 )
 ZERO_ONLY_SCHEMA = WithJsonSchema(
     {"type": "number", "minimum": 0, "maximum": 0, "description": "Only 0: use repetition_penalty (e.g. 1.1)."}
