@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import json
 
+from chatglm_sft.conversation import ROLES
 from chatglm_sft.data.formats import RecordError
+from chatglm_sft.tools.formats import TOOL_ROLES
 
 FORMATS = ("openai-tools", "sharegpt-tools", "chatglm3-tools", "glm4-tools")
 _BUILTIN_TOOLS = ("python", "simple_browser", "cogview")
@@ -61,7 +63,7 @@ def to_messages(data: dict, fmt: str) -> list[dict]:
     return messages
 
 
-_ROLES = ("system", "user", "assistant", "observation", *_SHAREGPT_RESULTS[1:])
+_ROLES = (*ROLES, *TOOL_ROLES)
 """Roles a tool record's messages may have (tool and function results are read as observations)."""
 
 
@@ -72,7 +74,7 @@ def _check_message(m: dict, where: str) -> None:
     role, content = m.get("role"), m.get("content")
     if role not in _ROLES:
         raise RecordError(f"{where}: unknown role {role!r} (expected one of {', '.join(_ROLES)})")
-    if role not in ("tool", "function") and content is not None and not isinstance(content, str):
+    if role not in TOOL_ROLES and content is not None and not isinstance(content, str):
         raise RecordError(f"{where}: content must be a string")
     if "loss" in m and not isinstance(m["loss"], bool):
         raise RecordError(f"{where}: loss must be true or false")

@@ -67,7 +67,7 @@ GLM4_BUILTIN_TOOLS = {
     ),
 }
 
-_TOOL_ROLES = ("tool", "function")
+TOOL_ROLES = ("tool", "function")
 _NAME = re.compile(r"\S+")
 
 
@@ -214,7 +214,7 @@ class ToolFormat:
         extra = {"loss": m["loss"]} if "loss" in m else {}
         if role == "system" and m.get("tools") is not None:
             return [{**msg, **extra} for msg in self.tools_messages(_text(content, i), check_tools(m["tools"]))]
-        if role in _TOOL_ROLES:
+        if role in TOOL_ROLES:
             return [{"role": "observation", "content": result_text(content), **extra}]
         calls = _calls_of(i, m) if role == "assistant" else []
         if not calls:
@@ -314,6 +314,6 @@ def uses_tools(messages: Sequence[dict], tools: object = None) -> bool:
         return True
     return any(
         isinstance(m, dict)
-        and (m.get("tools") or m.get("tool_calls") or m.get("function_call") or m.get("role") in _TOOL_ROLES)
+        and (m.get("tools") or m.get("tool_calls") or m.get("function_call") or m.get("role") in TOOL_ROLES)
         for m in messages
     )
